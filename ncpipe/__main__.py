@@ -1,0 +1,5 @@
+import sys
+
+from ncpipe.cli import main
+
+sys.exit(main())

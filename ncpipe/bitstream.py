@@ -1,0 +1,245 @@
+"""The ncpipe bitstream container: the one place its layout is defined.
+
+The written specification is ``docs/bitstream.md``; keep the two in step. Every field
+is validated on parse and every failure raises :class:`BitstreamError`: a damaged or
+hostile bitstream never crashes the decoder, never makes it loop, and never makes it
+allocate more than its declared (and limited) image size implies.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+
+from ncpipe.images import DEFAULT_MAX_PIXELS  # noqa: F401  (re-exported for decoders)
+
+MAGIC = b"NCPB"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+
+# Architecture codes are part of the format: never renumber, only append.
+ARCHITECTURE_CODES = {1: "mbt2018-mean", 2: "bmshj2018-hyperprior"}
+ARCHITECTURE_IDS = {name: code for code, name in ARCHITECTURE_CODES.items()}
+# Source image modes (see ncpipe.images); also never renumbered.
+SOURCE_MODE_CODES = {0: "RGB", 1: "L", 2: "P", 3: "RGBA", 4: "LA", 5: "PA"}
+SOURCE_MODE_IDS = {name: code for code, name in SOURCE_MODE_CODES.items()}
+
+LATENT_STRIDE = 16
+HYPER_STRIDE = 64
+
+# magic, version, arch, sha256, rate, width, height, mode, pad_r, pad_b,
+# y (C, H, W), z (C, H, W), y channels per chunk
+_HEADER = struct.Struct("<4sBB32sfHHBBBHHHHHHH")
+_CRC = struct.Struct("<I")
+_CHUNK_LENGTH = struct.Struct("<I")
+HEADER_SIZE = _HEADER.size + _CRC.size
+CHUNK_OVERHEAD = _CHUNK_LENGTH.size + _CRC.size
+
+
+class BitstreamError(ValueError):
+    """The bytes are not a valid ncpipe bitstream; the message says which field failed."""
+
+
+@dataclass(frozen=True)
+class BitstreamHeader:
+    """Everything a decoder must know before it touches the entropy-coded payload."""
+
+    architecture: str
+    model_sha256: str  # hex digest of the model (see ncpipe.models.checkpoint)
+    rate: float  # the model's rate parameter (λ of its training loss)
+    width: int
+    height: int
+    source_mode: str
+    pad_right: int
+    pad_bottom: int
+    y_shape: tuple[int, int, int]  # (channels, height, width) of the latent
+    z_shape: tuple[int, int, int]  # (channels, height, width) of the hyper-latent
+    y_chunk_channels: int  # latent channels per y chunk (the last chunk may hold fewer)
+    version: int = FORMAT_VERSION
+
+    @property
+    def num_y_chunks(self) -> int:
+        return math.ceil(self.y_shape[0] / self.y_chunk_channels)
+
+    def y_chunk_ranges(self) -> list[tuple[int, int]]:
+        """[start, stop) latent channels of each y chunk."""
+        step, total = self.y_chunk_channels, self.y_shape[0]
+        return [(start, min(start + step, total)) for start in range(0, total, step)]
+
+
+@dataclass(frozen=True)
+class Bitstream:
+    header: BitstreamHeader
+    z_stream: bytes
+    y_streams: tuple[bytes, ...]
+
+
+def expected_header(
+    *,
+    architecture: str,
+    model_sha256: str,
+    rate: float,
+    width: int,
+    height: int,
+    source_mode: str,
+    y_channels: int,
+    z_channels: int,
+    y_chunk_channels: int,
+) -> BitstreamHeader:
+    """The header an encoder writes for an image of this size: padding and latent shapes derived."""
+    padded_w = math.ceil(width / HYPER_STRIDE) * HYPER_STRIDE
+    padded_h = math.ceil(height / HYPER_STRIDE) * HYPER_STRIDE
+    return BitstreamHeader(
+        architecture=architecture,
+        model_sha256=model_sha256,
+        rate=rate,
+        width=width,
+        height=height,
+        source_mode=source_mode,
+        pad_right=padded_w - width,
+        pad_bottom=padded_h - height,
+        y_shape=(y_channels, padded_h // LATENT_STRIDE, padded_w // LATENT_STRIDE),
+        z_shape=(z_channels, padded_h // HYPER_STRIDE, padded_w // HYPER_STRIDE),
+        y_chunk_channels=min(y_chunk_channels, y_channels),
+    )
+
+
+def pack(bitstream: Bitstream) -> bytes:
+    """Serialise; validates the header so a writer can never emit what a reader refuses."""
+    header = bitstream.header
+    _validate_header(header, max_pixels=None)
+    if len(bitstream.y_streams) != header.num_y_chunks:
+        raise BitstreamError(f"{len(bitstream.y_streams)} y chunks given, header implies {header.num_y_chunks}")
+    fixed = _HEADER.pack(
+        MAGIC,
+        header.version,
+        ARCHITECTURE_IDS[header.architecture],
+        bytes.fromhex(header.model_sha256),
+        header.rate,
+        header.width,
+        header.height,
+        SOURCE_MODE_IDS[header.source_mode],
+        header.pad_right,
+        header.pad_bottom,
+        *header.y_shape,
+        *header.z_shape,
+        header.y_chunk_channels,
+    )
+    parts = [fixed, _CRC.pack(zlib.crc32(fixed))]
+    for stream in (bitstream.z_stream, *bitstream.y_streams):
+        parts += [_CHUNK_LENGTH.pack(len(stream)), stream, _CRC.pack(zlib.crc32(stream))]
+    return b"".join(parts)
+
+
+def parse_header(data: bytes | memoryview, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> BitstreamHeader:
+    """Validate and return the header alone (cheap: no payload is read)."""
+    data = memoryview(data)
+    if len(data) < HEADER_SIZE:
+        raise BitstreamError(f"{len(data)} bytes is shorter than the {HEADER_SIZE}-byte header")
+    if bytes(data[:4]) != MAGIC:
+        raise BitstreamError(f"bad magic {bytes(data[:4])!r}: not an ncpipe bitstream")
+    fixed = data[: _HEADER.size]
+    (crc,) = _CRC.unpack(data[_HEADER.size : HEADER_SIZE])
+    if zlib.crc32(fixed) != crc:
+        raise BitstreamError("header CRC32 mismatch: the header is damaged")
+    fields = _HEADER.unpack(fixed)
+    version, arch_code = fields[1], fields[2]
+    if version not in SUPPORTED_VERSIONS:
+        raise BitstreamError(f"format version {version} is not supported (this ncpipe reads {sorted(SUPPORTED_VERSIONS)})")
+    if arch_code not in ARCHITECTURE_CODES:
+        raise BitstreamError(f"unknown architecture code {arch_code}")
+    if fields[7] not in SOURCE_MODE_CODES:
+        raise BitstreamError(f"unknown source mode code {fields[7]}")
+    header = BitstreamHeader(
+        architecture=ARCHITECTURE_CODES[arch_code],
+        model_sha256=fields[3].hex(),
+        rate=fields[4],
+        width=fields[5],
+        height=fields[6],
+        source_mode=SOURCE_MODE_CODES[fields[7]],
+        pad_right=fields[8],
+        pad_bottom=fields[9],
+        y_shape=tuple(fields[10:13]),
+        z_shape=tuple(fields[13:16]),
+        y_chunk_channels=fields[16],
+        version=version,
+    )
+    _validate_header(header, max_pixels)
+    return header
+
+
+def parse(data: bytes | memoryview, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Bitstream:
+    """Validate every field and CRC; raise :class:`BitstreamError` naming the first failure."""
+    data = memoryview(data)
+    header = parse_header(data, max_pixels)
+    offset = HEADER_SIZE
+    streams = []
+    for index in range(1 + header.num_y_chunks):
+        stream, offset = _read_chunk(data, offset, _chunk_name(header, index))
+        streams.append(stream)
+    if offset != len(data):
+        raise BitstreamError(f"{len(data) - offset} unexpected bytes after the last chunk")
+    return Bitstream(header, streams[0], tuple(streams[1:]))
+
+
+def _chunk_name(header: BitstreamHeader, index: int) -> str:
+    if index == 0:
+        return "chunk 0 (hyper-latent z)"
+    start, stop = header.y_chunk_ranges()[index - 1]
+    return f"chunk {index} (latent y channels {start}-{stop - 1})"
+
+
+def _read_chunk(data: memoryview, offset: int, name: str) -> tuple[bytes, int]:
+    if offset + _CHUNK_LENGTH.size > len(data):
+        raise BitstreamError(f"truncated: {name} is missing")
+    (length,) = _CHUNK_LENGTH.unpack(data[offset : offset + _CHUNK_LENGTH.size])
+    start = offset + _CHUNK_LENGTH.size
+    end = start + length
+    if end + _CRC.size > len(data):
+        raise BitstreamError(f"truncated: {name} declares {length} bytes, {max(len(data) - start, 0)} remain")
+    payload = bytes(data[start:end])
+    (crc,) = _CRC.unpack(data[end : end + _CRC.size])
+    if zlib.crc32(payload) != crc:
+        raise BitstreamError(f"CRC32 mismatch in {name}: the payload is damaged")
+    return payload, end + _CRC.size
+
+
+def _validate_header(header: BitstreamHeader, max_pixels: int | None) -> None:
+    if header.architecture not in ARCHITECTURE_IDS:
+        raise BitstreamError(f"architecture {header.architecture!r} has no code in this format version")
+    if header.source_mode not in SOURCE_MODE_IDS:
+        raise BitstreamError(f"source mode {header.source_mode!r} has no code")
+    if len(header.model_sha256) != 64:
+        raise BitstreamError("model SHA-256 must be 64 hex digits")
+    if not (math.isfinite(header.rate) and header.rate > 0):
+        raise BitstreamError(f"rate parameter {header.rate} is not a positive finite number")
+    if not (1 <= header.width <= 0xFFFF and 1 <= header.height <= 0xFFFF):
+        raise BitstreamError(f"image size {header.width}x{header.height} is outside 1..65535")
+    if max_pixels is not None and header.width * header.height > max_pixels:
+        raise BitstreamError(
+            f"declared size {header.width}x{header.height} exceeds the decoder limit of {max_pixels} pixels"
+        )
+    derived = expected_header(
+        architecture=header.architecture,
+        model_sha256=header.model_sha256,
+        rate=header.rate,
+        width=header.width,
+        height=header.height,
+        source_mode=header.source_mode,
+        y_channels=header.y_shape[0],
+        z_channels=header.z_shape[0],
+        y_chunk_channels=header.y_chunk_channels,
+    )
+    if (header.pad_right, header.pad_bottom) != (derived.pad_right, derived.pad_bottom):
+        raise BitstreamError(
+            f"padding {header.pad_right}x{header.pad_bottom} does not match size "
+            f"{header.width}x{header.height} (expected {derived.pad_right}x{derived.pad_bottom})"
+        )
+    if header.y_shape != derived.y_shape or header.z_shape != derived.z_shape:
+        raise BitstreamError(f"latent shapes {header.y_shape}, {header.z_shape} do not match the image size")
+    if min(header.y_shape[0], header.z_shape[0]) < 1:
+        raise BitstreamError("latent channel counts must be positive")
+    if not 1 <= header.y_chunk_channels <= header.y_shape[0]:
+        raise BitstreamError(f"y chunk size {header.y_chunk_channels} is outside 1..{header.y_shape[0]}")

@@ -1,0 +1,178 @@
+"""``ncpipe`` command line. Each subcommand builds a typed config and calls one job function.
+
+Heavy imports (torch, ray) happen inside the handlers, so ``ncpipe --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ncpipe import __version__
+from ncpipe.config import (
+    DEFAULT_MODEL,
+    ClusterConfig,
+    CompressConfig,
+    ConfigError,
+    DecompressConfig,
+)
+from ncpipe.images import DEFAULT_MAX_PIXELS
+
+log = logging.getLogger("ncpipe")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_SHARDS = REPO_ROOT / "samples" / "shards"
+
+
+def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Ray")
+    group.add_argument("--address", help="join this Ray cluster (e.g. auto, ray://head:10001); "
+                       "default: start an embedded local Ray bound to 127.0.0.1")
+    group.add_argument("--workers", type=int, help="codec actors (default: one per GPU, else one)")
+    group.add_argument("--cpus-per-worker", type=float, help="CPUs each actor reserves and uses as threads")
+
+
+def _cluster(args: argparse.Namespace) -> ClusterConfig:
+    return ClusterConfig(address=args.address, workers=args.workers, cpus_per_worker=args.cpus_per_worker)
+
+
+def _add_compress(sub) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="compress WebDataset image shards into bitstream shards + Parquet manifest",
+        description="Compress every image of the input shards with a learned codec. Per input shard "
+        "writes <output>/g0000/shards/<shard>.tar (<key>.ncb bitstreams plus every other member "
+        "unchanged) and <output>/g0000/manifest/<shard>.parquet (one row per sample), committed "
+        "atomically. Re-running skips committed shards.",
+    )
+    p.add_argument("inputs", nargs="+", help="shard URLs, brace patterns (data-{000..009}.tar), globs or "
+                   "directories; local paths, file:// or s3:// (AWS env/config for credentials and endpoint)")
+    p.add_argument("-o", "--output", required=True, help="archive location (local path or URL)")
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"registry name or checkpoint path (default: {DEFAULT_MODEL})")
+    p.add_argument("--batch-size", type=int, default=8, help="images per device batch (default: 8)")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda[:N] (default: auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace output made with a different configuration")
+    p.add_argument("--no-metrics", action="store_true", help="skip per-image PSNR/MS-SSIM (saves one synthesis per image)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images declaring more pixels (default: {DEFAULT_MAX_PIXELS})")
+    _add_cluster_options(p)
+    p.set_defaults(handler=_compress)
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from ncpipe.pipeline.jobs import run_compress
+
+    config = CompressConfig(
+        inputs=tuple(args.inputs), output=args.output, model=args.model, batch_size=args.batch_size,
+        device=args.device, overwrite=args.overwrite, metrics=not args.no_metrics,
+        max_pixels=args.max_pixels, cluster=_cluster(args),
+    )
+    summary = run_compress(config)
+    print(summary.text())
+    return 0 if summary.complete else 1
+
+
+def _add_decompress(sub) -> None:
+    p = sub.add_parser(
+        "decompress",
+        help="restore bitstream shards (or a whole archive) to PNG image shards or files",
+        description="Decode every <key>.ncb back to <key>.png; every other member is restored unchanged. "
+        "Bitstreams are decoded with the model whose SHA-256 they carry (found in the model registry, "
+        "or given with --model); one that cannot be decoded is written through unchanged with an error row.",
+    )
+    p.add_argument("inputs", nargs="+", help="an archive (its current generation is read), a generation "
+                   "directory, or bitstream shard URLs/patterns")
+    p.add_argument("-o", "--output", required=True, help="where restored shards (or directories) go")
+    p.add_argument("--to", choices=("shards", "directory"), default="shards",
+                   help="write tar shards of PNGs (default) or plain files under <output>/<shard>/")
+    p.add_argument("-m", "--model", help="checkpoint or registry name to decode with (default: the one each bitstream names)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true", help="clear the output location first")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse bitstreams declaring more pixels")
+    _add_cluster_options(p)
+    p.set_defaults(handler=_decompress)
+
+
+def _decompress(args: argparse.Namespace) -> int:
+    from ncpipe.pipeline.jobs import run_decompress
+
+    config = DecompressConfig(
+        inputs=tuple(args.inputs), output=args.output, model=args.model, to=args.to,
+        batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
+        max_pixels=args.max_pixels, cluster=_cluster(args),
+    )
+    summary = run_decompress(config)
+    print(summary.text())
+    return 0 if summary.complete else 1
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="compress the shipped sample shards with the default model, then restore them",
+                       description=f"Runs compress on {DEMO_SHARDS.relative_to(REPO_ROOT)}/*.tar with model "
+                       f"{DEFAULT_MODEL} into <output>/archive, then decompress into <output>/restored.")
+    p.add_argument("-o", "--output", default="out/demo", help="demo output folder (default: out/demo)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(handler=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ncpipe.pipeline.jobs import run_compress, run_decompress
+
+    archive, restored = f"{args.output}/archive", f"{args.output}/restored"
+    compressed = run_compress(CompressConfig(inputs=(str(DEMO_SHARDS),), output=archive, device=args.device, overwrite=True))
+    print("== compress ==")
+    print(compressed.text())
+    restore = run_decompress(DecompressConfig(inputs=(archive,), output=restored, device=args.device, overwrite=True))
+    print("== decompress ==")
+    print(restore.text())
+    print(f"\nmanifest:  {archive}/g0000/manifest/*.parquet\nrestored:  {restored}/*.tar")
+    return 0 if compressed.complete and restore.complete else 1
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the model registry")
+    p.set_defaults(handler=_models)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from ncpipe.models.registry import list_models
+
+    for ref in list_models():
+        card = ref.card or {}
+        results = card.get("kodak", {})
+        print(f"{ref.name:32s} {card.get('arch', '?'):22s} λ={card.get('rate', {}).get('lambda', '?'):<8} "
+              f"kodak {results.get('bpp', '?')} bpp {results.get('psnr', '?')} dB  sha256 {ref.expected_sha256[:12]}")
+    return 0
+
+
+COMMANDS: Sequence[Callable] = (_add_compress, _add_decompress, _add_demo, _add_models)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ncpipe", description=__doc__.splitlines()[0].strip("`"))
+    parser.add_argument("--version", action="version", version=f"ncpipe {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.handler(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

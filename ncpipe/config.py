@@ -1,0 +1,146 @@
+"""Typed, frozen job configurations, and loading them from mappings (CLI or YAML) with
+errors that name the bad field."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ncpipe.images import DEFAULT_MAX_PIXELS
+
+DEFAULT_MODEL = "mbt2018-mean-small-l0067"
+
+
+class ConfigError(ValueError):
+    """A configuration field is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where and how wide a job runs on Ray."""
+
+    address: str | None = None  # None: start an embedded local Ray bound to loopback
+    workers: int | None = None  # codec actors; None: one per GPU, or one on a CPU-only cluster
+    cpus_per_worker: float | None = None  # None: every CPU of a CPU-only node / 4 per GPU worker
+    max_shard_attempts: int = 3  # a shard whose worker dies is retried this many times in all
+
+    def __post_init__(self) -> None:
+        _positive(self, "workers", allow_none=True)
+        _positive(self, "cpus_per_worker", allow_none=True)
+        _positive(self, "max_shard_attempts")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    inputs: tuple[str, ...]
+    output: str
+    model: str = DEFAULT_MODEL  # registry name or checkpoint path
+    batch_size: int = 8
+    device: str = "auto"
+    overwrite: bool = False
+    metrics: bool = True  # PSNR / MS-SSIM per sample (costs one synthesis per image)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    y_chunk_channels: int = 32
+    coder_threads: int | None = None  # entropy-coding threads per worker; None: its CPUs
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigError("inputs: at least one shard URL, pattern or directory is required")
+        if not self.output:
+            raise ConfigError("output: an output location is required")
+        for name in ("batch_size", "max_pixels", "y_chunk_channels"):
+            _positive(self, name)
+        _positive(self, "coder_threads", allow_none=True)
+
+    def coding_fingerprint(self, model_sha256: str) -> str:
+        """What must match for a committed shard to count as done on resume."""
+        relevant = {
+            "model_sha256": model_sha256,
+            "metrics": self.metrics,
+            "max_pixels": self.max_pixels,
+            "y_chunk_channels": self.y_chunk_channels,
+        }
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class DecompressConfig:
+    inputs: tuple[str, ...]  # an archive root, a generation directory, or bitstream shards
+    output: str
+    model: str | None = None  # None: the model the archive's manifest names
+    to: str = "shards"  # "shards" (WebDataset tars of PNGs) or "directory" (files)
+    batch_size: int = 8
+    device: str = "auto"
+    overwrite: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigError("inputs: an archive or bitstream shards are required")
+        if self.to not in ("shards", "directory"):
+            raise ConfigError(f"to: must be 'shards' or 'directory', not {self.to!r}")
+        _positive(self, "batch_size")
+        _positive(self, "max_pixels")
+
+
+def _positive(config: Any, name: str, allow_none: bool = False) -> None:
+    value = getattr(config, name)
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name}: must be a positive number, got {value!r}")
+
+
+def config_from_mapping(cls: type, mapping: Mapping[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every field's name and type."""
+    if not isinstance(mapping, Mapping):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(mapping).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for name, raw in mapping.items():
+        path = f"{where}.{name}" if where else name
+        if name not in known:
+            guess = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+            raise ConfigError(f"{path}: unknown field{hint}; known fields: {', '.join(known)}")
+        values[name] = _coerce(hints[name], raw, path)
+    missing = [
+        n for n, f in known.items()
+        if n not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where or cls.__name__}: missing required field(s) {', '.join(missing)}")
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{where}.{err}" if where else str(err)) from None
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, path)
+    if dataclasses.is_dataclass(hint):
+        return config_from_mapping(hint, value, path)
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        return tuple(_coerce(args[0], item, f"{path}[{i}]") for i, item in enumerate(items))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r}")
+    return value

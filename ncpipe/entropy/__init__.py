@@ -1,0 +1,1 @@
+"""Entropy coding: probability tables, the rANS coder and the deterministic entropy-parameter path."""

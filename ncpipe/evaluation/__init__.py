@@ -1,0 +1,1 @@
+"""Evaluation: learned and classical codecs, BD-rate, plots."""

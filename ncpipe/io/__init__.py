@@ -1,0 +1,1 @@
+"""Shard I/O through fsspec: URLs, streaming tar reading, deterministic tar writing, atomic commits."""

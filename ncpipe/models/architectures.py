@@ -1,0 +1,136 @@
+"""Learned-codec architectures ncpipe can code with, as adapters over CompressAI models.
+
+An adapter exposes one hyperprior model as four pieces, so the rest of ncpipe never
+reaches into a CompressAI class::
+
+    x ──g_a──► y ──h_a──► z ──Q(median)──► ẑ ──h_s──► (scales, means) ──► ŷ ──g_s──► x̂
+
+``hyper_synthesis_layers`` is the part that turns ẑ into entropy parameters. It is the
+only part whose output must agree bit for bit between encoder and decoder, so ncpipe
+runs it in fixed-point integer arithmetic (:mod:`ncpipe.entropy.integer_net`) instead of
+calling it as a float module.
+
+To add an architecture: write a builder returning a CompressAI ``CompressionModel``
+and an adapter that names its pieces; register both in ``ARCHITECTURES``. Models with a
+spatial or channel context (``Cheng2020AnchorCheckerboard``, ``Elic2022Chandelier``)
+add coding *stages*: each stage's entropy parameters are a deterministic function of ẑ
+and of the ŷ decoded in earlier stages; see ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from compressai.models import MeanScaleHyperprior, ScaleHyperprior
+from compressai.models.base import CompressionModel
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """How to build one architecture and which of its outputs exist."""
+
+    name: str
+    builder: Callable[..., CompressionModel]
+    default_hparams: dict[str, int] = field(default_factory=dict)
+    has_means: bool = True
+
+    def build(self, **hparams: int) -> CompressionModel:
+        unknown = set(hparams) - set(self.default_hparams)
+        if unknown:
+            raise ValueError(
+                f"architecture {self.name!r} takes {sorted(self.default_hparams)}, "
+                f"not {sorted(unknown)}"
+            )
+        return self.builder(**{**self.default_hparams, **hparams})
+
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    spec.name: spec
+    for spec in (
+        ArchitectureSpec("mbt2018-mean", MeanScaleHyperprior, {"N": 128, "M": 192}, True),
+        ArchitectureSpec("bmshj2018-hyperprior", ScaleHyperprior, {"N": 128, "M": 192}, False),
+    )
+}
+
+
+def architecture(name: str) -> ArchitectureSpec:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    """What one rate-distortion training step needs from the model."""
+
+    x_hat: torch.Tensor
+    y_likelihoods: torch.Tensor
+    z_likelihoods: torch.Tensor
+
+
+class HyperpriorAdapter:
+    """Names the pieces of a (mean-)scale hyperprior CompressAI model."""
+
+    def __init__(self, spec: ArchitectureSpec, model: CompressionModel):
+        self.spec = spec
+        self.model = model
+
+    @property
+    def latent_channels(self) -> int:
+        return self.model.g_a[-1].out_channels
+
+    @property
+    def hyper_channels(self) -> int:
+        return self.model.entropy_bottleneck.channels
+
+    def analysis(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x in [0, 1] -> (y, z)."""
+        y = self.model.g_a(x)
+        hyper_input = y if self.spec.has_means else torch.abs(y)
+        return y, self.model.h_a(hyper_input)
+
+    def synthesis(self, y_hat: torch.Tensor) -> torch.Tensor:
+        """ŷ -> x̂ (not clamped)."""
+        return self.model.g_s(y_hat)
+
+    def hyper_synthesis_layers(self) -> nn.Sequential:
+        return self.model.h_s
+
+    def split_entropy_parameters(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h_s output -> (scales, means); scale-only models get zero means."""
+        if self.spec.has_means:
+            scales, means = params.chunk(2, 1)
+            return scales, means
+        return params, torch.zeros_like(params)
+
+    def forward_train(self, x: torch.Tensor, autocast_dtype: torch.dtype | None) -> TrainOutputs:
+        """Noise-proxy forward pass; the transforms may run in reduced precision,
+        the entropy models always run in float32 (their likelihoods need it)."""
+        with _autocast(x.device, autocast_dtype):
+            y = self.model.g_a(x)
+        y = y.float()
+        hyper_input = y if self.spec.has_means else torch.abs(y)
+        z = self.model.h_a(hyper_input)
+        z_hat, z_likelihoods = self.model.entropy_bottleneck(z)
+        scales, means = self.split_entropy_parameters(self.model.h_s(z_hat))
+        y_hat, y_likelihoods = self.model.gaussian_conditional(
+            y, scales, means=means if self.spec.has_means else None
+        )
+        with _autocast(x.device, autocast_dtype):
+            x_hat = self.model.g_s(y_hat)
+        return TrainOutputs(x_hat.float(), y_likelihoods, z_likelihoods)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def build_adapter(arch: str, hparams: dict[str, int] | None = None) -> HyperpriorAdapter:
+    spec = architecture(arch)
+    return HyperpriorAdapter(spec, spec.build(**(hparams or {})))

@@ -1,0 +1,102 @@
+"""Model cards: ``card.json`` (machine-readable) and ``README.md`` rendered from it.
+
+Every number in a card is written by code from a measurement (``ncpipe evaluate`` or the
+release step), together with the command and machine that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ncpipe.models.registry import CARD_NAME
+
+# CompressAI's published mbt2018-mean results on Kodak (compressai/zoo results JSON,
+# quality 1, 3, 5, 7): the anchor each card states its gap to.
+PUBLISHED_ANCHOR_MBT2018_MEAN = (
+    {"quality": 1, "bpp": 0.124, "psnr": 27.70},
+    {"quality": 3, "bpp": 0.307, "psnr": 31.12},
+    {"quality": 5, "bpp": 0.662, "psnr": 34.95},
+    {"quality": 7, "bpp": 1.234, "psnr": 38.79},
+)
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.node()} ({cpu}, {torch.get_num_threads()} torch threads, {gpu}), torch {torch.__version__}"
+
+
+def now_utc() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def write_card(directory: Path, card: dict[str, Any]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CARD_NAME).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    (directory / "README.md").write_text(render_card(card))
+
+
+def read_card(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / CARD_NAME).read_text())
+
+
+def anchor_gap(bpp: float, psnr: float) -> dict[str, float] | None:
+    """PSNR gap to the published mbt2018-mean curve at the same bpp (log-linear interpolation)."""
+    import math
+
+    points = PUBLISHED_ANCHOR_MBT2018_MEAN
+    if not points[0]["bpp"] <= bpp <= points[-1]["bpp"]:
+        return None
+    for low, high in zip(points, points[1:]):
+        if low["bpp"] <= bpp <= high["bpp"]:
+            w = (math.log(bpp) - math.log(low["bpp"])) / (math.log(high["bpp"]) - math.log(low["bpp"]))
+            anchor = low["psnr"] + w * (high["psnr"] - low["psnr"])
+            return {"anchor_psnr_at_bpp": round(anchor, 2), "psnr_gap_db": round(psnr - anchor, 2)}
+    return None
+
+
+def render_card(card: dict[str, Any]) -> str:
+    train = card.get("training", {})
+    lines = [
+        f"# {card['name']}",
+        "",
+        card.get("summary", ""),
+        "",
+        "| field | value |",
+        "| --- | --- |",
+        f"| architecture | `{card['arch']}` {card.get('hparams', {})} |",
+        f"| rate parameter | λ = {card['rate']['lambda']} (loss λ·255²·MSE + bpp) |",
+        f"| model SHA-256 | `{card['sha256']}` |",
+        f"| file SHA-256 | `{card.get('file_sha256', '')}` |",
+        f"| training data | {train.get('data', '?')} |",
+        f"| training | {train.get('steps', '?')} steps, batch {train.get('batch_size', '?')}, "
+        f"{train.get('crop', '?')}px crops, lr {train.get('lr', '?')} |",
+        f"| trained on | {train.get('hardware', '?')} ({train.get('wall_hours', '?')} h) |",
+        "",
+    ]
+    for result in card.get("evaluations", []):
+        lines += [
+            f"## Measured: {result['dataset']}",
+            "",
+            f"- bpp {result['bpp']:.4f} (real bitstreams, container included), PSNR {result['psnr']:.2f} dB, "
+            f"MS-SSIM {result['ms_ssim']:.4f}, {result['images']} images",
+            f"- encode {result['encode_seconds']:.3f} s/image, decode {result['decode_seconds']:.3f} s/image",
+            f"- measured {result['date']} on {result['machine']}",
+            f"- command: `{result['command']}`",
+        ]
+        gap = result.get("anchor_gap")
+        if gap:
+            lines.append(
+                f"- published CompressAI mbt2018-mean at this bpp: {gap['anchor_psnr_at_bpp']} dB "
+                f"(our gap: {gap['psnr_gap_db']:+.2f} dB)"
+            )
+        lines.append("")
+    if card.get("notes"):
+        lines += ["## Notes", "", card["notes"], ""]
+    return "\n".join(lines)

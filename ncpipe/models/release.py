@@ -1,0 +1,79 @@
+"""Releasing a trained run into the registry: checkpoint, measured results, card."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ncpipe.codec import LearnedCodec
+from ncpipe.evaluation.learned import ImageResult, evaluate_learned, load_image_set
+from ncpipe.models.architectures import build_adapter
+from ncpipe.models.cards import anchor_gap, machine_description, now_utc, write_card
+from ncpipe.models.checkpoint import file_sha256, load_codec_model, release_checkpoint, save_checkpoint
+from ncpipe.models.registry import CHECKPOINT_NAME
+from ncpipe.train.loop import load_state
+
+log = logging.getLogger(__name__)
+
+
+def summarise_results(results: list[ImageResult], dataset: str, command: str) -> dict[str, Any]:
+    """Mean bpp/PSNR/MS-SSIM/timings over images, with provenance."""
+    summary = {
+        "dataset": dataset,
+        "images": len(results),
+        "bpp": statistics.fmean(r.bpp for r in results),
+        "psnr": statistics.fmean(r.psnr for r in results),
+        "ms_ssim": statistics.fmean(r.ms_ssim for r in results),
+        "encode_seconds": statistics.fmean(r.encode_seconds for r in results),
+        "decode_seconds": statistics.fmean(r.decode_seconds for r in results),
+        "date": now_utc(),
+        "machine": machine_description(),
+        "command": command,
+    }
+    summary["anchor_gap"] = anchor_gap(summary["bpp"], summary["psnr"])
+    return summary
+
+
+def release_run(
+    run_dir: Path,
+    models_dir: Path,
+    name: str,
+    eval_images: list[Path],
+    dataset: str,
+    command: str,
+    summary: str,
+    training_facts: dict[str, Any],
+) -> dict[str, Any]:
+    """Freeze ``run_dir``'s training state as ``models_dir/name`` and measure it."""
+    state = load_state(run_dir)
+    if state is None:
+        raise FileNotFoundError(f"no training state in {run_dir}")
+    adapter = build_adapter(state["arch"], state["hparams"])
+    adapter.model.load_state_dict(state["model"])
+    training = {**{k: state["config"][k] for k in ("data", "batch_size", "crop", "lr", "lr_decay_at", "seed")},
+                "steps": state["step"], **training_facts}
+    checkpoint = release_checkpoint(adapter, state["lmbda"], {"training": training})
+    directory = models_dir / name
+    sha256 = save_checkpoint(checkpoint, directory / CHECKPOINT_NAME)
+    codec = LearnedCodec(load_codec_model(directory / CHECKPOINT_NAME, sha256))
+    try:
+        results = evaluate_learned(codec, name, load_image_set(eval_images))
+    finally:
+        codec.close()
+    card = {
+        "name": name,
+        "summary": summary,
+        "arch": state["arch"],
+        "hparams": state["hparams"],
+        "rate": checkpoint["rate"],
+        "sha256": sha256,
+        "file_sha256": file_sha256(directory / CHECKPOINT_NAME),
+        "training": training,
+        "evaluations": [summarise_results(results, dataset, command)],
+    }
+    write_card(directory, card)
+    log.info("released %s: %s", name, card["evaluations"][0])
+    return card
+

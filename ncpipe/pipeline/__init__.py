@@ -1,0 +1,1 @@
+"""Job execution: shard workers, Ray actors, distribution, job drivers."""

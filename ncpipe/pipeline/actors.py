@@ -1,0 +1,76 @@
+"""Ray actors: each holds a model resident on its device and runs whole shards.
+
+Actors receive configurations and model *locations* (registry names or paths), never
+weights: each loads its model once, verified against its SHA-256, and keeps it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+import torch
+
+from ncpipe.codec import LearnedCodec
+from ncpipe.config import CompressConfig, DecompressConfig
+from ncpipe.models.registry import load_model
+from ncpipe.train.loop import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """What each codec actor asks Ray for, and the threads it then uses."""
+
+    num_cpus: float
+    num_gpus: float
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.num_cpus))
+
+
+def _set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
+
+
+@ray.remote
+class CompressActor:
+    def __init__(self, config: CompressConfig, threads: int, progress_counter):
+        from ncpipe.pipeline.compress import ShardCompressor
+
+        _set_threads(threads)
+        device = resolve_device(config.device)
+        model = load_model(config.model).to(device)
+        codec = LearnedCodec(model, config.y_chunk_channels, config.coder_threads or threads)
+        self.worker = ShardCompressor(
+            config, codec, config.model, threads, lambda n: progress_counter.add.remote(n)
+        )
+        log.info("compress actor ready: %s on %s", model.identity.short, device)
+
+    def run(self, task):
+        return self.worker.run(task)
+
+    def ping(self) -> bool:
+        return True
+
+
+@ray.remote
+class DecompressActor:
+    def __init__(self, config: DecompressConfig, threads: int, progress_counter):
+        from ncpipe.pipeline.decompress import ShardDecompressor
+
+        _set_threads(threads)
+        self.worker = ShardDecompressor(
+            config, resolve_device(config.device), threads, lambda n: progress_counter.add.remote(n)
+        )
+
+    def run(self, task):
+        return self.worker.run(task)
+
+    def ping(self) -> bool:
+        return True

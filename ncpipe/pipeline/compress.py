@@ -1,0 +1,306 @@
+"""Compressing one shard: the worker a codec actor runs, with no Ray in it.
+
+::
+
+    tar shard ─read_ahead─► samples ─decode pool─► RGB pixels ─ShapeBatcher─► batches
+      ─► device: g_a, h_a, exact h_s, (g_s + metrics) ─► coder threads: rANS per chunk
+      ─► output tar (<key>.ncb + carried members) + manifest rows ─► atomic commit
+
+A sample whose image cannot be coded (or that has none, or was damaged in the tar) is
+written through unchanged and gets an error row: nothing in the input is lost. The
+output shard, then the manifest part, then the commit marker are committed atomically,
+in that order; a shard counts as done only once its marker exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ncpipe import metrics
+from ncpipe.codec import AnalysedBatch, LearnedCodec, PendingBitstream, padded_shape
+from ncpipe.config import CompressConfig
+from ncpipe.images import DecodedImage, ImageRefused, decode_image, is_image_member
+from ncpipe.io.storage import atomic_writer, write_bytes_atomic
+from ncpipe.io.tar_reader import Sample, ShardUnreadable, TarMember, iter_samples
+from ncpipe.io.tar_writer import TarShardWriter
+from ncpipe.io.urls import redact
+from ncpipe.manifest import STATUS_ERROR, ManifestRow, write_manifest_part
+from ncpipe.pipeline.stages import ShapeBatcher, map_ordered, read_ahead
+
+log = logging.getLogger(__name__)
+
+BITSTREAM_EXTENSION = "ncb"
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One input shard and where its outputs go."""
+
+    input_url: str
+    stem: str
+    shard_url: str
+    manifest_url: str
+    commit_url: str
+    job_id: str
+    fingerprint: str
+    attempt: int = 1
+
+
+@dataclass
+class ShardStats:
+    """What a worker reports back for a committed shard."""
+
+    stem: str
+    samples: int = 0
+    ok: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    shard_error: str | None = None
+
+
+@dataclass
+class _Prepared:
+    sample: Sample
+    image_member: TarMember | None = None
+    image: DecodedImage | None = None
+    error: str | None = None
+
+
+@dataclass
+class _InflightBatch:
+    items: list[_Prepared]
+    analysed: AnalysedBatch
+    pending: list[PendingBitstream]
+    quality: list[tuple[float | None, float | None]]
+    started: float
+
+
+def choose_image_member(sample: Sample) -> TarMember | None:
+    """The member to code: the first whose whole extension is an image type.
+
+    ``seg.png``-style members (masks, depth maps) are not photos and stay lossless."""
+    return next((m for m in sample.members if is_image_member(m.extension)), None)
+
+
+def prepare(sample: Sample, max_pixels: int) -> _Prepared:
+    """Decode the sample's image or say why it cannot be coded (runs on the decode pool)."""
+    if sample.error:
+        return _Prepared(sample, error=sample.error)
+    member = choose_image_member(sample)
+    if member is None:
+        kinds = ", ".join(m.extension for m in sample.members) or "none"
+        return _Prepared(sample, error=f"no image member to code (members: {kinds})")
+    if any(m.extension == BITSTREAM_EXTENSION for m in sample.members):
+        return _Prepared(sample, member, error=f"sample already has a .{BITSTREAM_EXTENSION} member")
+    try:
+        return _Prepared(sample, member, decode_image(member.data, member.extension, max_pixels))
+    except ImageRefused as err:
+        return _Prepared(sample, member, error=str(err))
+
+
+class ShardCompressor:
+    """Runs :class:`ShardTask`\\ s with one resident codec."""
+
+    def __init__(
+        self,
+        config: CompressConfig,
+        codec: LearnedCodec,
+        model_id: str,
+        decode_threads: int,
+        on_progress: Callable[[int], None] = lambda samples: None,
+    ):
+        self.config = config
+        self.codec = codec
+        self.model_id = model_id
+        self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+        self.on_progress = on_progress
+
+    def run(self, task: ShardTask) -> ShardStats:
+        started = time.perf_counter()
+        stats = ShardStats(task.stem)
+        rows: list[ManifestRow] = []
+        try:
+            with atomic_writer(task.shard_url) as handle, TarShardWriter(handle) as writer:
+                self._compress_samples(task, writer, rows)
+        except ShardUnreadable as err:
+            # The shard itself is unusable: record it once; an empty output shard keeps
+            # the layout uniform for readers.
+            stats.shard_error = redact(str(err))
+            rows = [self._shard_error_row(task, stats.shard_error)]
+            with atomic_writer(task.shard_url) as handle, TarShardWriter(handle):
+                pass
+        write_manifest_part(rows, task.manifest_url, self._part_metadata(task))
+        self.on_progress(len(rows) - self._reported)
+        stats.samples = len(rows)
+        stats.errors = sum(row.status == STATUS_ERROR for row in rows)
+        stats.ok = stats.samples - stats.errors
+        stats.seconds = time.perf_counter() - started
+        self._commit(task, stats)
+        return stats
+
+    def _compress_samples(self, task: ShardTask, writer: TarShardWriter, rows: list[ManifestRow]) -> None:
+        self._reported = 0
+        samples = read_ahead(iter_samples(task.input_url), depth=4 * self.config.batch_size)
+        prepared = map_ordered(
+            lambda s: prepare(s, self.config.max_pixels),
+            samples,
+            self.decode_pool,
+            window=2 * self.config.batch_size,
+        )
+        batcher: ShapeBatcher[_Prepared] = ShapeBatcher(self.config.batch_size)
+        inflight: deque[_InflightBatch] = deque()
+        for item in prepared:
+            if item.error is not None:
+                self._write_passthrough(task, item, writer, rows)
+                continue
+            for batch in batcher.add(padded_shape(item.image.height, item.image.width), item):
+                inflight.append(self._start_batch(batch))
+                # Keep one batch coding on the CPU while the next runs on the device.
+                while len(inflight) > 1:
+                    self._finish_batch(task, inflight.popleft(), writer, rows)
+                    self._report_progress(len(rows))
+        for batch in batcher.flush():
+            inflight.append(self._start_batch(batch))
+        while inflight:
+            self._finish_batch(task, inflight.popleft(), writer, rows)
+
+    def _report_progress(self, finished: int) -> None:
+        self.on_progress(finished - self._reported)
+        self._reported = finished
+
+    def _start_batch(self, items: list[_Prepared]) -> _InflightBatch:
+        started = time.perf_counter()
+        analysed = self.codec.analyse([item.image.pixels for item in items], reconstruct=self.config.metrics)
+        quality = self._quality(items, analysed)
+        pending = [
+            self.codec.submit_entropy_coding(analysed, i, item.image.source_mode) for i, item in enumerate(items)
+        ]
+        return _InflightBatch(items, analysed, pending, quality, started)
+
+    def _quality(self, items: list[_Prepared], analysed: AnalysedBatch) -> list[tuple[float | None, float | None]]:
+        if analysed.reconstructions is None:
+            return [(None, None)] * len(items)
+        scores = []
+        for item, x_hat in zip(items, analysed.reconstructions):
+            reference = metrics.to_unit_float(item.image.pixels).to(x_hat.device)
+            received = metrics.quantize_8bit(x_hat)[None]
+            scores.append(
+                (float(metrics.psnr(reference, received)[0]), float(metrics.ms_ssim(reference, received)[0]))
+            )
+        return scores
+
+    def _finish_batch(self, task: ShardTask, batch: _InflightBatch, writer: TarShardWriter, rows: list[ManifestRow]) -> None:
+        bitstreams = [pending.result() for pending in batch.pending]
+        seconds_each = (time.perf_counter() - batch.started) / len(batch.items)
+        identity = self.codec.model.identity
+        for item, data, (psnr, ms_ssim) in zip(batch.items, bitstreams, batch.quality):
+            sample, image = item.sample, item.image
+            carried = self._write_coded(item, data, writer)
+            rows.append(
+                ManifestRow(
+                    job_id=task.job_id,
+                    source_url=redact(task.input_url),
+                    sample_index=sample.index,
+                    key=_printable(sample.key),
+                    member=_printable(item.image_member.name),
+                    source_format=image.source_format,
+                    source_mode=image.source_mode,
+                    source_bytes=len(item.image_member.data),
+                    width=image.width,
+                    height=image.height,
+                    compressed_bytes=len(data),
+                    bpp=8.0 * len(data) / (image.width * image.height),
+                    psnr=_finite_or_none(psnr),
+                    ms_ssim=_finite_or_none(ms_ssim),
+                    model_id=self.model_id,
+                    model_sha256=identity.sha256,
+                    rate=identity.rate,
+                    encode_seconds=seconds_each,
+                    carried_members=carried,
+                    output_shard=redact(task.shard_url),
+                )
+            )
+
+    def _write_coded(self, item: _Prepared, bitstream: bytes, writer: TarShardWriter) -> list[str]:
+        """The bitstream takes the image member's place; every other member is carried."""
+        carried = []
+        for member in item.sample.members:
+            if member is item.image_member:
+                writer.add(f"{item.sample.key}.{BITSTREAM_EXTENSION}", bitstream)
+            else:
+                writer.add(member.name, member.data)
+                carried.append(_printable(member.name))
+        return carried
+
+    def _write_passthrough(self, task: ShardTask, item: _Prepared, writer: TarShardWriter, rows: list[ManifestRow]) -> None:
+        for member in item.sample.members:
+            writer.add(member.name, member.data)
+        member = item.image_member
+        rows.append(
+            ManifestRow(
+                job_id=task.job_id,
+                source_url=redact(task.input_url),
+                sample_index=item.sample.index,
+                key=_printable(item.sample.key),
+                member=_printable(member.name) if member else None,
+                source_bytes=len(member.data) if member else None,
+                status=STATUS_ERROR,
+                error=redact(item.error),
+                passthrough=True,
+                carried_members=[_printable(m.name) for m in item.sample.members],
+                output_shard=redact(task.shard_url),
+            )
+        )
+
+    def _shard_error_row(self, task: ShardTask, error: str) -> ManifestRow:
+        return ManifestRow(
+            job_id=task.job_id,
+            source_url=redact(task.input_url),
+            sample_index=-1,
+            key="",
+            status=STATUS_ERROR,
+            error=f"shard unreadable: {error}",
+            output_shard=redact(task.shard_url),
+        )
+
+    def _part_metadata(self, task: ShardTask) -> dict:
+        identity = self.codec.model.identity
+        return {
+            "ncpipe_job_id": task.job_id,
+            "ncpipe_fingerprint": task.fingerprint,
+            "ncpipe_model": {"id": self.model_id, "arch": identity.arch, "sha256": identity.sha256, "rate": identity.rate},
+        }
+
+    def _commit(self, task: ShardTask, stats: ShardStats) -> None:
+        marker = {
+            "input_url": redact(task.input_url),
+            "stem": task.stem,
+            "fingerprint": task.fingerprint,
+            "job_id": task.job_id,
+            "attempt": task.attempt,
+            "samples": stats.samples,
+            "ok": stats.ok,
+            "errors": stats.errors,
+            "shard_error": stats.shard_error,
+        }
+        write_bytes_atomic(task.commit_url, json.dumps(marker, indent=2).encode())
+
+    def close(self) -> None:
+        self.decode_pool.shutdown(wait=True)
+
+
+def _printable(name: str) -> str:
+    """Member names may hold undecodable bytes (kept via surrogateescape); Parquet needs UTF-8."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and np.isfinite(value) else None

@@ -1,0 +1,271 @@
+"""Restoring one bitstream shard: ``<key>.ncb`` back to ``<key>.png``, every other member carried.
+
+Each bitstream names the model that wrote it (its SHA-256); the worker loads that model
+from the registry on first use (or uses the one given) and keeps it. A bitstream whose
+model is not available, or that is damaged, gets an error row and is written through
+unchanged, so a restore never loses data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ncpipe import bitstream as fmt
+from ncpipe.codec import LatentSymbols, LearnedCodec, ModelMismatchError, to_uint8_image
+from ncpipe.config import DecompressConfig
+from ncpipe.images import encode_png, restore_image
+from ncpipe.io.storage import atomic_writer, write_bytes_atomic
+from ncpipe.io.tar_reader import Sample, ShardUnreadable, TarMember, iter_samples
+from ncpipe.io.tar_writer import TarShardWriter
+from ncpipe.io.urls import join_url, redact
+from ncpipe.manifest import STATUS_ERROR, STATUS_OK, RestoreRow, write_restore_part
+from ncpipe.models.checkpoint import CheckpointError
+from ncpipe.models.registry import describe_sha256, find_by_sha256, load_model, resolve_model
+from ncpipe.pipeline.compress import BITSTREAM_EXTENSION, ShardStats, _printable
+from ncpipe.pipeline.stages import ShapeBatcher, map_ordered, read_ahead
+
+log = logging.getLogger(__name__)
+
+RESTORED_EXTENSION = "png"
+
+
+@dataclass(frozen=True)
+class RestoreTask:
+    input_url: str
+    stem: str
+    output_url: str  # a tar (to=shards) or a directory (to=directory)
+    manifest_url: str
+    commit_url: str
+    job_id: str
+    fingerprint: str
+    attempt: int = 1
+
+
+@dataclass
+class _Parsed:
+    sample: Sample
+    member: TarMember | None = None
+    header: fmt.BitstreamHeader | None = None
+    symbols: LatentSymbols | None = None
+    codec: LearnedCodec | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class ShardDecompressor:
+    def __init__(
+        self,
+        config: DecompressConfig,
+        device: torch.device,
+        threads: int,
+        on_progress: Callable[[int], None] = lambda samples: None,
+    ):
+        self.config = config
+        self.device = device
+        self.threads = threads
+        self.on_progress = on_progress
+        self.codecs: dict[str, LearnedCodec] = {}
+        self.unavailable: dict[str, str] = {}
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="restore")
+        if config.model:
+            self._add_codec(load_model(config.model), config.model)
+
+    # -- models ---------------------------------------------------------------------
+
+    def _add_codec(self, model, name: str) -> LearnedCodec:
+        codec = LearnedCodec(model.to(self.device), coder_threads=self.threads)
+        self.codecs[model.identity.sha256] = codec
+        log.info("restore: loaded %s (%s)", name, model.identity.short)
+        return codec
+
+    def codec_for(self, header: fmt.BitstreamHeader) -> LearnedCodec:
+        """The codec for a bitstream's model, loaded from the registry on first use."""
+        sha = header.model_sha256
+        if sha in self.codecs:
+            return self.codecs[sha]
+        if sha not in self.unavailable:
+            ref = None if self.config.model else find_by_sha256(sha)
+            if ref is None:
+                given = f"; --model {self.config.model} is a different model" if self.config.model else ""
+                self.unavailable[sha] = (
+                    f"bitstream needs model {header.architecture} {describe_sha256(sha)}, "
+                    f"which is not available here{given}"
+                )
+            else:
+                try:
+                    return self._add_codec(load_model(ref.name), ref.name)
+                except CheckpointError as err:
+                    self.unavailable[sha] = f"model {ref.name} needed by this bitstream failed to load: {err}"
+        raise ModelMismatchError(self.unavailable[sha])
+
+    # -- one shard ------------------------------------------------------------------
+
+    def run(self, task: RestoreTask) -> ShardStats:
+        started = time.perf_counter()
+        stats = ShardStats(task.stem)
+        rows: list[RestoreRow] = []
+        try:
+            with self._sink(task) as sink:
+                self._restore_samples(task, sink, rows)
+        except ShardUnreadable as err:
+            stats.shard_error = redact(str(err))
+            rows = [RestoreRow(task.job_id, redact(task.input_url), -1, "", status=STATUS_ERROR,
+                               error=f"shard unreadable: {stats.shard_error}")]
+        write_restore_part(rows, task.manifest_url, {"ncpipe_job_id": task.job_id})
+        stats.samples = len(rows)
+        stats.errors = sum(row.status == STATUS_ERROR for row in rows)
+        stats.ok = stats.samples - stats.errors
+        stats.seconds = time.perf_counter() - started
+        marker = {"input_url": redact(task.input_url), "fingerprint": task.fingerprint, "job_id": task.job_id,
+                  "samples": stats.samples, "errors": stats.errors}
+        write_bytes_atomic(task.commit_url, json.dumps(marker, indent=2).encode())
+        return stats
+
+    def _sink(self, task: RestoreTask) -> "_TarSink | _DirectorySink":
+        if self.config.to == "directory":
+            return _DirectorySink(task.output_url)
+        return _TarSink(task.output_url)
+
+    def _restore_samples(self, task: RestoreTask, sink, rows: list[RestoreRow]) -> None:
+        samples = read_ahead(iter_samples(task.input_url), depth=4 * self.config.batch_size)
+        parsed = map_ordered(self._parse, samples, self.pool, window=2 * self.config.batch_size)
+        batcher: ShapeBatcher[_Parsed] = ShapeBatcher(self.config.batch_size)
+        for item in parsed:
+            if item.error is not None or item.member is None:
+                self._write_through(task, item, sink, rows)
+                continue
+            key = (item.header.model_sha256, item.header.y_shape)
+            for batch in batcher.add(key, item):
+                self._synthesise_and_write(task, batch, sink, rows)
+        for batch in batcher.flush():
+            self._synthesise_and_write(task, batch, sink, rows)
+        self.on_progress(len(rows))
+
+    def _parse(self, sample: Sample) -> _Parsed:
+        """Entropy-decode a sample's bitstream (runs on the pool)."""
+        started = time.perf_counter()
+        member = next((m for m in sample.members if m.extension == BITSTREAM_EXTENSION), None)
+        if sample.error or member is None:
+            return _Parsed(sample, member, error=sample.error)
+        try:
+            header = fmt.parse_header(member.data, self.config.max_pixels)
+            codec = self.codec_for(header)
+            header, symbols = codec.decode_symbols(member.data, self.config.max_pixels)
+        except (fmt.BitstreamError, ModelMismatchError) as err:
+            return _Parsed(sample, member, error=str(err))
+        return _Parsed(sample, member, header, symbols, codec, seconds=time.perf_counter() - started)
+
+    def _synthesise_and_write(self, task: RestoreTask, batch: list[_Parsed], sink, rows: list[RestoreRow]) -> None:
+        started = time.perf_counter()
+        images = batch[0].codec.synthesise([p.header for p in batch], [p.symbols for p in batch])
+        pngs = list(self.pool.map(
+            lambda pair: encode_png(restore_image(to_uint8_image(pair[1]), pair[0].header.source_mode)),
+            zip(batch, images),
+        ))
+        share = (time.perf_counter() - started) / len(batch)
+        for item, png in zip(batch, pngs):
+            name = f"{item.sample.key}.{RESTORED_EXTENSION}"
+            written, refused = sink.write_sample(item.sample, _Replacement(item.member, name, png))
+            rows.append(RestoreRow(
+                task.job_id, redact(task.input_url), item.sample.index, _printable(item.sample.key),
+                member=_printable(item.member.name), output=written, width=item.header.width,
+                height=item.header.height, model_sha256=item.header.model_sha256,
+                decode_seconds=item.seconds + share,
+                status=STATUS_ERROR if refused else STATUS_OK,
+                error=_refused_message(refused),
+            ))
+
+    def _write_through(self, task: RestoreTask, item: _Parsed, sink, rows: list[RestoreRow]) -> None:
+        written, refused = sink.write_sample(item.sample, None)
+        error = item.error or "no bitstream member (the sample was stored unchanged at compression)"
+        rows.append(RestoreRow(
+            task.job_id, redact(task.input_url), item.sample.index, _printable(item.sample.key),
+            member=_printable(item.member.name) if item.member else None, output=written,
+            status=STATUS_ERROR, error=redact("; ".join(filter(None, [error, _refused_message(refused)]))),
+        ))
+
+
+def _refused_message(refused: list[str]) -> str | None:
+    if not refused:
+        return None
+    return f"not written (name would escape the output directory): {', '.join(refused)}"
+
+
+class _TarSink:
+    """Writes restored samples into one tar, committed atomically."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._stack = ExitStack()
+
+    def __enter__(self) -> "_TarSink":
+        handle = self._stack.enter_context(atomic_writer(self.url))
+        self.writer = self._stack.enter_context(TarShardWriter(handle))
+        return self
+
+    def __exit__(self, *exc) -> bool | None:
+        return self._stack.__exit__(*exc)
+
+    def write_sample(self, sample: Sample, replace: _Replacement | None) -> tuple[str, list[str]]:
+        for name, data in _members_out(sample, replace):
+            self.writer.add(name, data)
+        return redact(self.url), []
+
+
+class _DirectorySink:
+    """Writes restored samples as files under a directory; refuses names that would escape it."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def __enter__(self) -> "_DirectorySink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def write_sample(self, sample: Sample, replace: _Replacement | None) -> tuple[str, list[str]]:
+        """Returns where the sample went and the names refused as unsafe."""
+        written, refused = [], []
+        for name, data in _members_out(sample, replace):
+            relative = safe_relative_path(name)
+            if relative is None:
+                refused.append(_printable(name))
+                continue
+            write_bytes_atomic(join_url(self.url, relative), data)
+            written.append(relative)
+        return redact(join_url(self.url, written[0]) if written else self.url), refused
+
+
+@dataclass(frozen=True)
+class _Replacement:
+    """The member a restore replaces (the bitstream), and what it writes instead."""
+
+    member: TarMember
+    name: str
+    data: bytes
+
+
+def _members_out(sample: Sample, replace: _Replacement | None):
+    for member in sample.members:
+        if replace is not None and member is replace.member:
+            yield replace.name, replace.data
+        else:
+            yield member.name, member.data
+
+
+def safe_relative_path(name: str) -> str | None:
+    """A member name as a path inside the output directory; None if it would escape it."""
+    normal = posixpath.normpath(name)
+    if not name or name.startswith("/") or normal == ".." or normal.startswith("../") or "\\" in name or "\x00" in name:
+        return None
+    return normal

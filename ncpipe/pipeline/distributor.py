@@ -1,0 +1,161 @@
+"""Runs shard tasks on a pool of Ray actors: backpressure, retries, progress.
+
+Each actor has at most one shard in flight (inside it, the shard's stages overlap), so
+the number of shards in flight is bounded by the number of actors. A shard whose actor
+dies (process killed, node lost) is retried on the restarted actor up to
+``max_shard_attempts`` times; its partial outputs were never visible, because every
+output is committed atomically and counted only once its commit marker exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+from ncpipe.config import ClusterConfig
+from ncpipe.pipeline.actors import WorkerResources
+from ncpipe.io.urls import redact
+
+log = logging.getLogger(__name__)
+
+_ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+PROGRESS_EVERY_SECONDS = 5.0
+
+
+def connect(cluster: ClusterConfig) -> None:
+    """Join ``cluster.address``, or start an embedded Ray bound to loopback."""
+    if ray.is_initialized():
+        return
+    if cluster.address:
+        ray.init(address=cluster.address, logging_level=logging.WARNING)
+    else:
+        ray.init(
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level=logging.WARNING,
+        )
+
+
+def plan_workers(cluster: ClusterConfig) -> tuple[int, WorkerResources]:
+    """How many codec actors, and what each asks for, on the connected cluster."""
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 1.0), int(resources.get("GPU", 0))
+    if gpus:
+        count = cluster.workers or gpus
+        per_cpu = cluster.cpus_per_worker or max(1.0, (cpus - 1) // count)
+        return count, WorkerResources(num_cpus=per_cpu, num_gpus=min(1.0, gpus / count))
+    count = cluster.workers or 1
+    return count, WorkerResources(num_cpus=cluster.cpus_per_worker or max(1.0, cpus // count), num_gpus=0.0)
+
+
+@dataclass(frozen=True)
+class ShardFailure:
+    task: Any
+    error: str
+
+
+@dataclass
+class PoolOutcome:
+    results: list[Any]
+    failures: list[ShardFailure]
+
+
+def run_on_actors(
+    tasks: Sequence[Any],
+    make_actor: Callable[[], Any],
+    count: int,
+    max_attempts: int,
+    describe: Callable[[Any], str],
+    progress: ProgressLog,
+) -> PoolOutcome:
+    """Run every task (a dataclass with an ``attempt`` field) through ``actor.run``."""
+    actors = [make_actor() for _ in range(min(count, len(tasks)) or 0)]
+    idle = deque(actors)
+    pending = deque(tasks)
+    inflight: dict[ray.ObjectRef, tuple[Any, Any]] = {}
+    outcome = PoolOutcome([], [])
+    while pending or inflight:
+        while idle and pending:
+            actor, task = idle.popleft(), pending.popleft()
+            inflight[actor.run.remote(task)] = (task, actor)
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=PROGRESS_EVERY_SECONDS)
+        progress.tick()
+        for ref in ready:
+            task, actor = inflight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except _ACTOR_LOST as err:
+                actor = _replace_if_dead(actor, make_actor)
+                _retry_or_fail(task, err, max_attempts, describe, pending, outcome)
+            except RayTaskError as err:
+                outcome.failures.append(ShardFailure(task, redact(str(err.cause or err))))
+                log.error("%s failed: %s", describe(task), redact(str(err.cause or err)))
+            else:
+                outcome.results.append(result)
+                progress.shard_done()
+            idle.append(actor)
+    progress.tick(force=True)
+    return outcome
+
+
+def _retry_or_fail(task, error, max_attempts, describe, pending, outcome) -> None:
+    if task.attempt < max_attempts:
+        log.warning("%s: worker lost (%s); retrying (attempt %d of %d)",
+                    describe(task), type(error).__name__, task.attempt + 1, max_attempts)
+        pending.appendleft(dataclasses.replace(task, attempt=task.attempt + 1))
+    else:
+        outcome.failures.append(ShardFailure(task, f"worker lost {max_attempts} times: {error}"))
+
+
+def _replace_if_dead(actor, make_actor):
+    """Ray restarts a crashed actor (``max_restarts``); past that, start a new one."""
+    try:
+        ray.get(actor.ping.remote(), timeout=120)
+        return actor
+    except Exception:  # any failure to answer means the handle is unusable
+        return make_actor()
+
+
+@ray.remote(num_cpus=0)
+class ProgressCounter:
+    """Samples finished so far, reported by workers after every batch."""
+
+    def __init__(self):
+        self.samples = 0
+
+    def add(self, samples: int) -> None:
+        self.samples += samples
+
+    def get(self) -> int:
+        return self.samples
+
+
+class ProgressLog:
+    """Periodic one-line progress for long jobs (works in terminals and in Ray job logs)."""
+
+    def __init__(self, total_shards: int, label: str):
+        self.total = total_shards
+        self.label = label
+        self.counter = ProgressCounter.remote()
+        self.done = 0
+        self.started = self.last = time.perf_counter()
+
+    def shard_done(self) -> None:
+        self.done += 1
+
+    def tick(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last < PROGRESS_EVERY_SECONDS:
+            return
+        self.last = now
+        samples = ray.get(self.counter.get.remote())
+        elapsed = now - self.started
+        log.info("%s: %d/%d shards done, %d samples, %.1f samples/s, %.0fs elapsed",
+                 self.label, self.done, self.total, samples, samples / max(elapsed, 1e-9), elapsed)

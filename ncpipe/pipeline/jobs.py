@@ -1,0 +1,348 @@
+"""Job drivers: plan shards, skip committed ones, run the rest on actors, summarise.
+
+A job is idempotent: re-running it with the same configuration skips every shard whose
+commit marker records that configuration, and redoes the rest from scratch (partial
+outputs of a killed run were never visible under their final names). A different
+configuration over existing outputs is refused unless ``overwrite`` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow.compute as pc
+
+from ncpipe import __version__
+from ncpipe.config import ClusterConfig, CompressConfig, ConfigError, DecompressConfig
+from ncpipe.io.storage import (
+    exists,
+    list_files,
+    read_bytes,
+    remove_partials,
+    remove_tree,
+    size_of,
+    write_bytes_atomic,
+)
+from ncpipe.io.urls import expand_inputs, redact
+from ncpipe.manifest import RESTORE_SCHEMA, STATUS_ERROR, STATUS_OK, read_manifest
+from ncpipe.models.checkpoint import model_digest, read_checkpoint
+from ncpipe.models.registry import describe_sha256, find_by_sha256, resolve_model
+from ncpipe.pipeline.distributor import PoolOutcome, ProgressLog, connect, plan_workers, run_on_actors
+from ncpipe.pipeline.layout import (
+    FIRST_GENERATION,
+    ArchiveLayout,
+    GenerationLayout,
+    RestoreLayout,
+    output_stems,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompressSummary:
+    """What a compress job did; also written as ``summary.json``."""
+
+    output: str
+    generation: str
+    job_id: str
+    shards: int
+    shards_skipped: int
+    shards_failed: list[str]
+    samples: int
+    ok: int
+    errors: int
+    image_bytes: int  # source bytes of the images that were coded
+    bitstream_bytes: int  # their bitstreams, container included
+    input_shard_bytes: int
+    output_shard_bytes: int
+    mean_bpp: float | None
+    mean_psnr: float | None
+    mean_ms_ssim: float | None
+    wall_seconds: float
+    samples_per_second: float
+    model: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return not self.shards_failed
+
+    def text(self) -> str:
+        ratio = self.image_bytes / self.bitstream_bytes if self.bitstream_bytes else float("nan")
+        lines = [
+            f"output      {self.output} (generation {self.generation}, job {self.job_id})",
+            f"shards      {self.shards} ({self.shards_skipped} already committed, {len(self.shards_failed)} failed)",
+            f"samples     {self.samples}: {self.ok} ok, {self.errors} error rows (see manifest 'error')",
+            f"images      {_mb(self.image_bytes)} -> {_mb(self.bitstream_bytes)} bitstreams ({ratio:.1f}x)",
+            f"shards      {_mb(self.input_shard_bytes)} in -> {_mb(self.output_shard_bytes)} out",
+            f"quality     mean {_fmt(self.mean_bpp, '.3f')} bpp, {_fmt(self.mean_psnr, '.2f')} dB PSNR, "
+            f"{_fmt(self.mean_ms_ssim, '.4f')} MS-SSIM",
+            f"time        {self.wall_seconds:.1f}s wall, {self.samples_per_second:.1f} samples/s this run",
+        ]
+        lines += [f"FAILED      {name}" for name in self.shards_failed]
+        return "\n".join(lines)
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.2f} MB"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def new_job_id(fingerprint: str) -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{fingerprint[:8]}"
+
+
+def model_sha256_of(model: str) -> str:
+    ref = resolve_model(model)
+    return ref.expected_sha256 or model_digest(read_checkpoint(ref.checkpoint))
+
+
+def prepare_generation(generation: GenerationLayout, job: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to mix configurations in one generation; ``overwrite`` clears it first."""
+    if exists(generation.job_file):
+        previous = json.loads(read_bytes(generation.job_file))
+        if previous.get("fingerprint") != job["fingerprint"]:
+            if not overwrite:
+                raise ConfigError(
+                    f"{redact(generation.root)} already holds output made with another configuration "
+                    f"(model {previous.get('model', {}).get('sha256', '?')[:12]}..., "
+                    f"fingerprint {previous.get('fingerprint')}); pass --overwrite to replace it "
+                    "or choose another output"
+                )
+            log.warning("overwriting %s", redact(generation.root))
+            remove_tree(generation.root)
+    elif overwrite:
+        remove_tree(generation.root)
+    for directory in (generation.shards_dir, generation.manifest_dir, generation.commits_dir):
+        remove_partials(directory)
+    write_bytes_atomic(generation.job_file, json.dumps(job, indent=2).encode())
+
+
+def is_committed(marker_url: str, input_url: str, fingerprint: str) -> bool:
+    """A shard is done when its commit marker exists and records this configuration."""
+    if not exists(marker_url):
+        return False
+    marker = json.loads(read_bytes(marker_url))
+    return marker.get("fingerprint") == fingerprint and marker.get("input_url") == redact(input_url)
+
+
+def run_compress(config: CompressConfig) -> CompressSummary:
+    from ncpipe.pipeline.actors import CompressActor
+    from ncpipe.pipeline.compress import ShardTask
+
+    started = time.perf_counter()
+    inputs = expand_inputs(config.inputs)
+    sha256 = model_sha256_of(config.model)
+    fingerprint = config.coding_fingerprint(sha256)
+    job_id = new_job_id(fingerprint)
+    archive = ArchiveLayout(config.output)
+    generation = archive.generation(FIRST_GENERATION)
+    job = {
+        "kind": "compress",
+        "ncpipe_version": __version__,
+        "job_id": job_id,
+        "fingerprint": fingerprint,
+        "model": {"id": config.model, "sha256": sha256},
+        "config": _redacted_config(config),
+    }
+    prepare_generation(generation, job, config.overwrite)
+    stems = output_stems(inputs)
+    tasks = [
+        ShardTask(url, stems[url], generation.shard(stems[url]), generation.manifest_part(stems[url]),
+                  generation.commit_marker(stems[url]), job_id, fingerprint)
+        for url in inputs
+        if not is_committed(generation.commit_marker(stems[url]), url, fingerprint)
+    ]
+    log.info("%d input shards: %d to compress, %d already committed", len(inputs), len(tasks), len(inputs) - len(tasks))
+    outcome = run_tasks(config.cluster, tasks, CompressActor, config, "compress")
+    failed = [redact(failure.task.input_url) for failure in outcome.failures]
+    summary = summarise_compress(
+        generation, job, inputs, len(inputs) - len(tasks), failed, time.perf_counter() - started,
+        sum(result.samples for result in outcome.results),
+    )
+    if summary.complete:
+        write_bytes_atomic(generation.summary_file, json.dumps(asdict(summary), indent=2).encode())
+        archive.set_current(FIRST_GENERATION)
+    return summary
+
+
+def run_tasks(cluster: ClusterConfig, tasks: list, actor_class, config, label: str) -> PoolOutcome:
+    """Run shard tasks on ``actor_class`` actors sized for the connected cluster."""
+    if not tasks:
+        return PoolOutcome([], [])
+    connect(cluster)
+    count, resources = plan_workers(cluster)
+    progress = ProgressLog(len(tasks), label)
+    log.info("%s: %d worker(s), each %g CPU / %g GPU", label, min(count, len(tasks)),
+             resources.num_cpus, resources.num_gpus)
+
+    def make_actor():
+        # Ray restarts a crashed actor; the shard it held is retried by the distributor
+        # (not by Ray), so retries are counted and bounded in one place.
+        return actor_class.options(
+            num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_restarts=3, max_task_retries=0
+        ).remote(config, resources.threads, progress.counter)
+
+    return run_on_actors(
+        tasks, make_actor, count, cluster.max_shard_attempts,
+        describe=lambda task: f"shard {redact(task.input_url)}", progress=progress,
+    )
+
+
+def summarise_compress(
+    generation: GenerationLayout,
+    job: dict[str, Any],
+    inputs: list[str],
+    skipped: int,
+    failed: list[str],
+    wall_seconds: float,
+    samples_this_run: int,
+) -> CompressSummary:
+    """Summarise from the committed manifest parts, so resumed shards count too."""
+    table = read_manifest(generation.manifest_dir)
+    ok = table.filter(pc.equal(table["status"], STATUS_OK))
+    return CompressSummary(
+        output=redact(generation.root),
+        generation=generation.root.rstrip("/").rsplit("/", 1)[-1],
+        job_id=job["job_id"],
+        shards=len(inputs),
+        shards_skipped=skipped,
+        shards_failed=failed,
+        samples=table.num_rows,
+        ok=ok.num_rows,
+        errors=table.num_rows - ok.num_rows,
+        image_bytes=_sum(ok["source_bytes"]),
+        bitstream_bytes=_sum(ok["compressed_bytes"]),
+        input_shard_bytes=sum(size_of(url) for url in inputs),
+        output_shard_bytes=sum(size_of(url) for url in list_files(generation.shards_dir, suffix=".tar")),
+        mean_bpp=_mean(ok["bpp"]),
+        mean_psnr=_mean(ok["psnr"]),
+        mean_ms_ssim=_mean(ok["ms_ssim"]),
+        wall_seconds=wall_seconds,
+        samples_per_second=samples_this_run / wall_seconds if wall_seconds > 0 else 0.0,
+        model=job["model"],
+    )
+
+
+def _sum(column) -> int:
+    return int(pc.sum(column).as_py() or 0)
+
+
+def _mean(column) -> float | None:
+    return pc.mean(column).as_py()
+
+
+def _redacted_config(config) -> dict[str, Any]:
+    raw = asdict(config)
+    raw["inputs"] = [redact(spec) for spec in config.inputs]
+    raw["output"] = redact(config.output)
+    if raw.get("cluster", {}).get("address"):
+        raw["cluster"]["address"] = redact(raw["cluster"]["address"])
+    return raw
+
+
+@dataclass(frozen=True)
+class RestoreSummary:
+    output: str
+    job_id: str
+    shards: int
+    shards_skipped: int
+    shards_failed: list[str]
+    samples: int
+    ok: int
+    errors: int
+    error_examples: list[str]
+    wall_seconds: float
+    samples_per_second: float
+
+    @property
+    def complete(self) -> bool:
+        return not self.shards_failed
+
+    def text(self) -> str:
+        lines = [
+            f"output      {self.output} (job {self.job_id})",
+            f"shards      {self.shards} ({self.shards_skipped} already restored, {len(self.shards_failed)} failed)",
+            f"samples     {self.samples}: {self.ok} restored, {self.errors} error rows",
+            f"time        {self.wall_seconds:.1f}s wall, {self.samples_per_second:.1f} samples/s this run",
+        ]
+        lines += [f"error       {example}" for example in self.error_examples]
+        lines += [f"FAILED      {name}" for name in self.shards_failed]
+        return "\n".join(lines)
+
+
+def bitstream_shards(specs: tuple[str, ...]) -> tuple[list[str], dict[str, Any] | None]:
+    """Archive root, generation directory or shard specs -> (shard URLs, the archive's job.json)."""
+    if len(specs) == 1:
+        archive = ArchiveLayout(specs[0])
+        current = archive.current_generation()
+        candidates = [archive.generation(current)] if current else []
+        candidates.append(GenerationLayout(specs[0]))
+        for generation in candidates:
+            if exists(generation.job_file):
+                job = json.loads(read_bytes(generation.job_file))
+                return list_files(generation.shards_dir, suffix=".tar"), job
+    return expand_inputs(specs), None
+
+
+def check_model_available(job: dict[str, Any] | None, model: str | None) -> None:
+    """Fail fast, naming the model, when an archive's model cannot be loaded here."""
+    if job is None or model is not None:
+        return
+    sha = job["model"]["sha256"]
+    if find_by_sha256(sha) is None:
+        raise ConfigError(
+            f"this archive was written with model {job['model']['id']!r} ({describe_sha256(sha)}), "
+            "which is not in the model registry here; pass --model with that checkpoint"
+        )
+
+
+def run_decompress(config: DecompressConfig) -> RestoreSummary:
+    from ncpipe.pipeline.actors import DecompressActor
+    from ncpipe.pipeline.decompress import RestoreTask
+
+    started = time.perf_counter()
+    shards, job = bitstream_shards(config.inputs)
+    if not shards:
+        raise ConfigError(f"no bitstream shards found in {[redact(s) for s in config.inputs]}")
+    check_model_available(job, config.model)
+    fingerprint = hashlib.sha256(json.dumps(
+        {"to": config.to, "model": config.model, "max_pixels": config.max_pixels}, sort_keys=True
+    ).encode()).hexdigest()[:16]
+    job_id = new_job_id(fingerprint)
+    restore = RestoreLayout(config.output)
+    if config.overwrite:
+        remove_tree(config.output)
+    stems = output_stems(shards)
+    tasks = [
+        RestoreTask(url, stems[url], restore.output(stems[url], config.to), restore.manifest_part(stems[url]),
+                    restore.commit_marker(stems[url]), job_id, fingerprint)
+        for url in shards
+        if not is_committed(restore.commit_marker(stems[url]), url, fingerprint)
+    ]
+    outcome = run_tasks(config.cluster, tasks, DecompressActor, config, "decompress")
+    table = read_manifest(restore.manifest_dir, RESTORE_SCHEMA)
+    errors = table.filter(pc.equal(table["status"], STATUS_ERROR))
+    wall = time.perf_counter() - started
+    return RestoreSummary(
+        output=redact(config.output),
+        job_id=job_id,
+        shards=len(shards),
+        shards_skipped=len(shards) - len(tasks),
+        shards_failed=[redact(f.task.input_url) for f in outcome.failures],
+        samples=table.num_rows,
+        ok=table.num_rows - errors.num_rows,
+        errors=errors.num_rows,
+        error_examples=sorted(set(errors["error"].to_pylist()))[:3],
+        wall_seconds=wall,
+        samples_per_second=sum(r.samples for r in outcome.results) / wall if wall > 0 else 0.0,
+    )
+

@@ -1,0 +1,116 @@
+"""Where a job's outputs live: the one place output names are made.
+
+A compressed archive::
+
+    <archive>/CURRENT                       name of the current generation (written last)
+    <archive>/<generation>/job.json         the configuration that made it
+    <archive>/<generation>/shards/<s>.tar   bitstreams + carried members, per input shard
+    <archive>/<generation>/manifest/<s>.parquet
+    <archive>/<generation>/_commits/<s>.json   commit marker: written after the two above
+    <archive>/<generation>/summary.json     job summary, when every shard is committed
+
+Generations (``g0000``, ``g0001``, ...) let a recompression write a complete new archive
+beside the old one and switch ``CURRENT`` atomically. Names derive from the input
+shard's file name; two inputs with the same name get a short hash of their URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+
+from ncpipe.io.storage import exists, read_bytes, write_bytes_atomic
+from ncpipe.io.urls import join_url, shard_stem
+
+CURRENT_FILE = "CURRENT"
+FIRST_GENERATION = "g0000"
+
+
+def generation_name(number: int) -> str:
+    return f"g{number:04d}"
+
+
+def output_stems(input_urls: list[str]) -> dict[str, str]:
+    """Input URL -> output stem, unique and deterministic."""
+    counts = Counter(shard_stem(url) for url in input_urls)
+    return {
+        url: shard_stem(url) if counts[shard_stem(url)] == 1
+        else f"{shard_stem(url)}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
+        for url in input_urls
+    }
+
+
+@dataclass(frozen=True)
+class GenerationLayout:
+    root: str  # the generation directory URL
+
+    def shard(self, stem: str) -> str:
+        return join_url(self.root, "shards", f"{stem}.tar")
+
+    def manifest_part(self, stem: str) -> str:
+        return join_url(self.root, "manifest", f"{stem}.parquet")
+
+    def commit_marker(self, stem: str) -> str:
+        return join_url(self.root, "_commits", f"{stem}.json")
+
+    @property
+    def manifest_dir(self) -> str:
+        return join_url(self.root, "manifest")
+
+    @property
+    def shards_dir(self) -> str:
+        return join_url(self.root, "shards")
+
+    @property
+    def commits_dir(self) -> str:
+        return join_url(self.root, "_commits")
+
+    @property
+    def job_file(self) -> str:
+        return join_url(self.root, "job.json")
+
+    @property
+    def summary_file(self) -> str:
+        return join_url(self.root, "summary.json")
+
+
+@dataclass(frozen=True)
+class ArchiveLayout:
+    root: str
+
+    def generation(self, name: str) -> GenerationLayout:
+        return GenerationLayout(join_url(self.root, name))
+
+    @property
+    def current_file(self) -> str:
+        return join_url(self.root, CURRENT_FILE)
+
+    def current_generation(self) -> str | None:
+        if not exists(self.current_file):
+            return None
+        return read_bytes(self.current_file).decode().strip()
+
+    def set_current(self, name: str) -> None:
+        """Switch readers to generation ``name`` in one atomic write."""
+        write_bytes_atomic(self.current_file, f"{name}\n".encode())
+
+
+@dataclass(frozen=True)
+class RestoreLayout:
+    """A decompress job's output: restored shards (or directories), manifest, markers."""
+
+    root: str
+
+    def output(self, stem: str, to: str) -> str:
+        return join_url(self.root, f"{stem}.tar" if to == "shards" else stem)
+
+    def manifest_part(self, stem: str) -> str:
+        return join_url(self.root, "_restore_manifest", f"{stem}.parquet")
+
+    def commit_marker(self, stem: str) -> str:
+        return join_url(self.root, "_commits", f"{stem}.json")
+
+    @property
+    def manifest_dir(self) -> str:
+        return join_url(self.root, "_restore_manifest")

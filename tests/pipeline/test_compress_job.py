@@ -1,0 +1,184 @@
+"""Compress and decompress jobs end to end: real tar shards, a real local Ray, real Parquet."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+from PIL import Image
+
+from ncpipe.config import CompressConfig, ConfigError, DecompressConfig
+from ncpipe.manifest import RESTORE_SCHEMA, read_manifest
+from ncpipe.pipeline.jobs import run_compress, run_decompress
+from tests.factories import encoded, kodak_pixels, png_declaring
+from tests.helpers import tar_bytes
+
+
+def _members(path: str) -> dict[str, bytes]:
+    with tarfile.open(path) as archive:
+        return {m.name: archive.extractfile(m).read() for m in archive.getmembers()}
+
+
+def _good_shards(root: Path) -> list[Path]:
+    """Three shards: JPEG, PNG, grayscale and palette images with metadata members."""
+    shards = []
+    for s in range(3):
+        members = []
+        for i in range(3):
+            n = 1 + 3 * s + i
+            key = f"s{s}/img{i:03d}"
+            fmt, ext = ("JPEG", "jpg") if i == 0 else ("PNG", "png")
+            mode = {0: "RGB", 1: "L", 2: "P"}[i] if s == 1 else "RGB"
+            members += [
+                (f"{key}.{ext}", encoded(kodak_pixels(n, (96, 128 - 16 * i)), fmt, mode)),
+                (f"{key}.json", json.dumps({"n": n, "caption": "ü ✓"}).encode()),
+                (f"{key}.cls", str(n).encode()),
+            ]
+        path = root / f"data-{s:06d}.tar"
+        path.write_bytes(tar_bytes(members))
+        shards.append(path)
+    return shards
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory, tiny_model_path, ray_local):
+    root = tmp_path_factory.mktemp("archive")
+    inputs = _good_shards(root / "in" if (root / "in").mkdir() is None else root)
+    config = CompressConfig(inputs=(str(root / "in" / "data-{000000..000002}.tar"),), output=str(root / "out"),
+                            model=str(tiny_model_path), batch_size=2)
+    return inputs, config, run_compress(config)
+
+
+def test_compress_summary_and_layout(compressed):
+    inputs, config, summary = compressed
+    assert summary.complete and summary.shards == 3 and summary.samples == 9 and summary.ok == 9
+    assert summary.bitstream_bytes < summary.image_bytes
+    out = Path(config.output)
+    assert (out / "CURRENT").read_text().strip() == "g0000"
+    for shard in inputs:
+        stem = shard.stem
+        assert (out / "g0000" / "shards" / f"{stem}.tar").is_file()
+        assert json.loads((out / "g0000" / "_commits" / f"{stem}.json").read_text())["samples"] == 3
+    assert not list(out.rglob("*.partial*"))
+
+
+def test_manifest_reconciles_with_inputs_and_outputs(compressed):
+    inputs, config, summary = compressed
+    table = read_manifest(f"{config.output}/g0000/manifest")
+    rows = table.to_pylist()
+    assert len({(r["source_url"], r["sample_index"]) for r in rows}) == len(rows) == 9
+    for shard in inputs:
+        original = _members(str(shard))
+        output = _members(f"{config.output}/g0000/shards/{shard.stem}.tar")
+        shard_rows = [r for r in rows if r["source_url"] == str(shard)]
+        assert sorted(r["sample_index"] for r in shard_rows) == [0, 1, 2]
+        for row in shard_rows:
+            assert row["status"] == "ok" and row["error"] is None
+            ncb = output[f"{row['key']}.ncb"]
+            assert row["compressed_bytes"] == len(ncb)
+            assert row["bpp"] == pytest.approx(8 * len(ncb) / (row["width"] * row["height"]))
+            assert row["source_bytes"] == len(original[row["member"]])
+            for name in row["carried_members"]:
+                assert output[name] == original[name]  # metadata byte-identical
+        expected = {n for n in original if not n.endswith((".jpg", ".png"))} | {f"{r['key']}.ncb" for r in shard_rows}
+        assert set(output) == expected
+
+
+def test_decompress_restores_images_and_members(compressed, tmp_path, tiny_model_path):
+    inputs, config, _ = compressed
+    summary = run_decompress(DecompressConfig(inputs=(config.output,), output=str(tmp_path / "restored"),
+                                              model=str(tiny_model_path)))
+    assert summary.complete and summary.ok == 9 and summary.errors == 0
+    manifest = {(r["source_url"], r["sample_index"]): r for r in read_manifest(f"{config.output}/g0000/manifest").to_pylist()}
+    for shard in inputs:
+        original = _members(str(shard))
+        restored = _members(str(tmp_path / "restored" / f"{shard.stem}.tar"))
+        for name, data in original.items():
+            if name.endswith((".jpg", ".png")):
+                key = name.rsplit(".", 1)[0]
+                source = Image.open(io.BytesIO(data))
+                image = Image.open(io.BytesIO(restored[f"{key}.png"]))
+                assert image.size == source.size
+                assert image.mode == {"P": "RGB"}.get(source.mode, source.mode)
+                row = next(r for r in manifest.values() if r["member"] == name)
+                reference = np.asarray(source.convert("RGB"), dtype=float)
+                mse = np.mean((np.asarray(image.convert("RGB"), dtype=float) - reference) ** 2)
+                if source.mode == "RGB":  # quality in the manifest is what the user restores
+                    assert 10 * np.log10(255**2 / mse) == pytest.approx(row["psnr"], abs=0.05)
+            else:
+                assert restored[name] == data
+    restore_rows = read_manifest(str(tmp_path / "restored" / "_restore_manifest"), RESTORE_SCHEMA)
+    assert restore_rows.num_rows == 9 and pc.all(pc.equal(restore_rows["status"], "ok")).as_py()
+
+
+def test_decompress_to_directory(compressed, tmp_path, tiny_model_path):
+    _, config, _ = compressed
+    summary = run_decompress(DecompressConfig(inputs=(config.output,), output=str(tmp_path / "files"),
+                                              model=str(tiny_model_path), to="directory"))
+    assert summary.ok == 9
+    files = sorted(p.relative_to(tmp_path / "files").as_posix() for p in (tmp_path / "files").rglob("*.png"))
+    assert files[:3] == ["data-000000/s0/img000.png", "data-000000/s0/img001.png", "data-000000/s0/img002.png"]
+
+
+def test_rerun_skips_committed_shards_and_changes_nothing(compressed):
+    _, config, _ = compressed
+    out = Path(config.output)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name not in ("summary.json", "job.json")}
+    again = run_compress(config)
+    assert again.shards_skipped == 3 and again.samples == 9
+    after = {p: p.read_bytes() for p in before}
+    assert after == before
+
+
+def test_another_configuration_over_the_same_output_is_refused(compressed, tmp_path):
+    _, config, _ = compressed
+    from tests.factories import train_tiny_codec
+
+    other = train_tiny_codec(tmp_path, steps=1)
+    with pytest.raises(ConfigError, match="--overwrite"):
+        run_compress(CompressConfig(inputs=config.inputs, output=config.output, model=str(other)))
+
+
+def test_bad_inputs_become_error_rows_and_the_job_completes(tmp_path, tiny_model_path, ray_local):
+    good = encoded(kodak_pixels(1, (64, 64)))
+    rgba = np.dstack([kodak_pixels(2, (32, 32)), np.full((32, 32), 100, np.uint8)])
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    sixteen = io.BytesIO()
+    Image.fromarray(np.full((16, 16), 40000, np.uint16)).save(sixteen, format="PNG")
+    members = [
+        ("ok1.png", good), ("ok1.json", b"{}"),
+        ("corrupt.jpg", b"\xff\xd8\xff\xe0 definitely not a jpeg"), ("corrupt.txt", b"keep me"),
+        ("halfpng.png", good[: len(good) // 2]),
+        ("empty.png", b""),
+        ("noimage.json", b'{"only": "metadata"}'),
+        ("bomb.png", png_declaring(100_000, 100_000)),
+        ("transparent.png", buffer.getvalue()),
+        ("deep.png", sixteen.getvalue()),
+        ("ok2.png", good),
+    ]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bad.tar").write_bytes(tar_bytes(members))
+    truncated = tar_bytes([("t1.png", good), ("t2.png", good)])
+    (tmp_path / "in" / "truncated.tar").write_bytes(truncated[: 8192 + 512 + 1000])  # inside t2.png's data
+    (tmp_path / "in" / "notatar.tar").write_bytes(b"this is not a tar archive at all" * 40)
+    summary = run_compress(CompressConfig(inputs=(str(tmp_path / "in"),), output=str(tmp_path / "out"),
+                                          model=str(tiny_model_path)))
+    assert summary.complete
+    rows = {r["key"]: r for r in read_manifest(str(tmp_path / "out" / "g0000" / "manifest")).to_pylist()}
+    expected_errors = {
+        "corrupt": "not a readable image", "halfpng": "corrupt or truncated", "empty": "zero-byte",
+        "noimage": "no image member", "bomb": "exceeds the limit", "transparent": "transparent",
+        "deep": "16-bit", "t2": "truncated",
+    }
+    for key, message in expected_errors.items():
+        assert rows[key]["status"] == "error" and message in rows[key]["error"], (key, rows[key]["error"])
+        assert rows[key]["passthrough"]
+    assert rows["ok1"]["status"] == rows["ok2"]["status"] == rows["t1"]["status"] == "ok"
+    assert rows[""]["error"].startswith("shard unreadable")  # notatar.tar: one shard-level row
+    output = _members(str(tmp_path / "out" / "g0000" / "shards" / "bad.tar"))
+    assert output["corrupt.jpg"].startswith(b"\xff\xd8") and output["corrupt.txt"] == b"keep me"
+    assert output["bomb.png"] == dict(members)["bomb.png"]
