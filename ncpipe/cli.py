@@ -6,6 +6,7 @@ Heavy imports (torch, ray) happen inside the handlers, so ``ncpipe --help`` is i
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -149,17 +150,31 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: Sequence[Callable] = (_add_compress, _add_decompress, _add_demo, _add_models)
+# Each command family registers its own subcommands: ``register(subparsers)`` in these modules.
+COMMAND_MODULES = (
+    "ncpipe.train.commands",
+    "ncpipe.evaluation.commands",
+    "ncpipe.reliability.commands",
+    "ncpipe.operations.commands",
+    "ncpipe.diffusion.commands",
+)
+CORE_COMMANDS: Sequence[Callable] = (_add_compress, _add_decompress, _add_demo, _add_models)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ncpipe", description=__doc__.splitlines()[0].strip("`"))
+    parser = argparse.ArgumentParser(
+        prog="ncpipe",
+        description="Compress image archives (WebDataset shards) with learned codecs on Ray, "
+        "restore them, train and evaluate the models.",
+    )
     parser.add_argument("--version", action="version", version=f"ncpipe {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in COMMANDS:
+    for add in CORE_COMMANDS:
         add(sub)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -134,6 +134,10 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         return _coerce(inner, value, path)
     if dataclasses.is_dataclass(hint):
         return config_from_mapping(hint, value, path)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return {_coerce(args[0], k, path): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
     if origin is tuple:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):

@@ -14,9 +14,9 @@ its bias ``b_int = round(b · 2^(W_l + A))``. A convolution is then
     acc = Σ w_int · a + b_int            (integers, exact)
     a'  = floor(acc · 2^-W_l + 1/2)      (back to A fraction bits, exact)
 
-The integers are held in float64 tensors and convolved with ordinary float64 kernels:
-as long as every partial sum stays below 2^53 in magnitude, float64 arithmetic on
-integers is exact in any summation order, on any device. ``W_l`` is chosen per layer
+The integers are held in float64 tensors and convolved as im2col/col2im plus float64
+matrix products: as long as every partial sum stays below 2^53 in magnitude, float64
+arithmetic on integers is exact in any summation order, on any device. ``W_l`` is chosen per layer
 (at release time, then stored) so that the worst case ``Σ|w_int| · ACT_LIMIT + |b_int|``
 stays below ``EXACT_LIMIT``; loading re-checks it. LeakyReLU uses a slope of
 ``round(slope · 2^16) / 2^16``, also exact.
@@ -55,12 +55,27 @@ class _FixedConv:
     output_padding: tuple[int, int]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.transposed:
-            acc = F.conv_transpose2d(x, self.weight, None, self.stride, self.padding, self.output_padding)
-        else:
-            acc = F.conv2d(x, self.weight, None, self.stride, self.padding)
+        acc = self._transposed(x) if self.transposed else self._direct(x)
         acc = acc + self.bias.view(1, -1, 1, 1)
         return torch.clamp(torch.floor(acc * 2.0**-self.frac_bits + 0.5), -ACT_LIMIT, ACT_LIMIT)
+
+    # Convolutions as explicit im2col/col2im + matrix products: only sums of exact
+    # integer products, whatever library or device runs them (cuDNN, which may pick
+    # FFT or Winograd kernels, is never involved, and no global flag is touched).
+
+    def _direct(self, x: torch.Tensor) -> torch.Tensor:
+        c_out, _, kh, kw = self.weight.shape
+        h_out = (x.shape[2] + 2 * self.padding[0] - kh) // self.stride[0] + 1
+        w_out = (x.shape[3] + 2 * self.padding[1] - kw) // self.stride[1] + 1
+        columns = F.unfold(x, (kh, kw), padding=self.padding, stride=self.stride)
+        return (self.weight.reshape(c_out, -1) @ columns).view(x.shape[0], c_out, h_out, w_out)
+
+    def _transposed(self, x: torch.Tensor) -> torch.Tensor:
+        c_in, c_out, kh, kw = self.weight.shape
+        h_out = (x.shape[2] - 1) * self.stride[0] - 2 * self.padding[0] + kh + self.output_padding[0]
+        w_out = (x.shape[3] - 1) * self.stride[1] - 2 * self.padding[1] + kw + self.output_padding[1]
+        columns = self.weight.reshape(c_in, -1).T @ x.reshape(x.shape[0], c_in, -1)
+        return F.fold(columns, (h_out, w_out), (kh, kw), padding=self.padding, stride=self.stride)
 
     def to(self, device: torch.device) -> "_FixedConv":
         return _FixedConv(
@@ -159,11 +174,8 @@ class IntegerHyperSynthesis:
     def __call__(self, x_fixed: torch.Tensor) -> torch.Tensor:
         """Integer-valued float64 (B, C, h, w) -> integer-valued float64 parameters."""
         x = torch.clamp(x_fixed.double(), -ACT_LIMIT, ACT_LIMIT)
-        # cuDNN may pick FFT or Winograd kernels, which are not exact; the native
-        # im2col + GEMM kernels are, on integers below 2^53.
-        with torch.backends.cudnn.flags(enabled=False):
-            for step in self.steps:
-                x = step(x)
+        for step in self.steps:
+            x = step(x)
         return x
 
 

@@ -1,0 +1,1 @@
+"""Operations: job specs, cluster submission, scheduled recompression."""

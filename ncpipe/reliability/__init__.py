@@ -1,0 +1,1 @@
+"""Reliability: archive verification, cross-device checks."""
