@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import ray
 import torch
@@ -33,6 +34,11 @@ class WorkerResources:
         return max(1, int(self.num_cpus))
 
 
+def _progress_reporter(counter_name: str) -> Callable[[int], None]:
+    counter = ray.get_actor(counter_name)
+    return lambda samples: counter.add.remote(samples)
+
+
 def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
     os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
@@ -40,7 +46,7 @@ def _set_threads(threads: int) -> None:
 
 @ray.remote
 class CompressActor:
-    def __init__(self, config: CompressConfig, threads: int, progress_counter):
+    def __init__(self, config: CompressConfig, threads: int, progress_counter: str):
         from ncpipe.pipeline.compress import ShardCompressor
 
         _set_threads(threads)
@@ -48,7 +54,7 @@ class CompressActor:
         model = load_model(config.model).to(device)
         codec = LearnedCodec(model, config.y_chunk_channels, config.coder_threads or threads)
         self.worker = ShardCompressor(
-            config, codec, config.model, threads, lambda n: progress_counter.add.remote(n)
+            config, codec, config.model, threads, _progress_reporter(progress_counter)
         )
         log.info("compress actor ready: %s on %s", model.identity.short, device)
 
@@ -61,12 +67,12 @@ class CompressActor:
 
 @ray.remote
 class DecompressActor:
-    def __init__(self, config: DecompressConfig, threads: int, progress_counter):
+    def __init__(self, config: DecompressConfig, threads: int, progress_counter: str):
         from ncpipe.pipeline.decompress import ShardDecompressor
 
         _set_threads(threads)
         self.worker = ShardDecompressor(
-            config, resolve_device(config.device), threads, lambda n: progress_counter.add.remote(n)
+            config, resolve_device(config.device), threads, _progress_reporter(progress_counter)
         )
 
     def run(self, task):

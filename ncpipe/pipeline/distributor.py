@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -143,7 +144,10 @@ class ProgressLog:
     def __init__(self, total_shards: int, label: str):
         self.total = total_shards
         self.label = label
-        self.counter = ProgressCounter.remote()
+        # Workers find the counter by name: an actor handle passed as a constructor
+        # argument would make Ray unable to restart a crashed worker safely.
+        self.counter_name = f"ncpipe-progress-{label}-{os.getpid()}-{time.time_ns()}"
+        self.counter = ProgressCounter.options(name=self.counter_name).remote()
         self.done = 0
         self.started = self.last = time.perf_counter()
 

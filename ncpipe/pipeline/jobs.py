@@ -189,7 +189,7 @@ def run_tasks(cluster: ClusterConfig, tasks: list, actor_class, config, label: s
         # (not by Ray), so retries are counted and bounded in one place.
         return actor_class.options(
             num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_restarts=3, max_task_retries=0
-        ).remote(config, resources.threads, progress.counter)
+        ).remote(config, resources.threads, progress.counter_name)
 
     return run_on_actors(
         tasks, make_actor, count, cluster.max_shard_attempts,

@@ -182,3 +182,25 @@ def test_bad_inputs_become_error_rows_and_the_job_completes(tmp_path, tiny_model
     output = _members(str(tmp_path / "out" / "g0000" / "shards" / "bad.tar"))
     assert output["corrupt.jpg"].startswith(b"\xff\xd8") and output["corrupt.txt"] == b"keep me"
     assert output["bomb.png"] == dict(members)["bomb.png"]
+
+
+def test_decompress_without_the_archives_model_names_it(compressed, tmp_path):
+    _, config, _ = compressed
+    job = json.loads((Path(config.output) / "g0000" / "job.json").read_text())
+    with pytest.raises(ConfigError, match=job["model"]["sha256"]):
+        run_decompress(DecompressConfig(inputs=(config.output,), output=str(tmp_path / "r")))
+
+
+def test_decompress_with_another_model_refuses_each_bitstream_and_keeps_it(compressed, tmp_path):
+    from tests.factories import train_tiny_codec
+
+    inputs, config, _ = compressed
+    job = json.loads((Path(config.output) / "g0000" / "job.json").read_text())
+    other = train_tiny_codec(tmp_path / "other", steps=1)
+    summary = run_decompress(DecompressConfig(inputs=(config.output,), output=str(tmp_path / "r"), model=str(other)))
+    assert summary.complete and summary.ok == 0 and summary.errors == 9
+    rows = read_manifest(str(tmp_path / "r" / "_restore_manifest"), RESTORE_SCHEMA).to_pylist()
+    assert all(f"sha256 {job['model']['sha256']}" in row["error"] for row in rows)
+    restored = _members(str(tmp_path / "r" / f"{inputs[0].stem}.tar"))
+    compressed_members = _members(f"{config.output}/g0000/shards/{inputs[0].stem}.tar")
+    assert restored == compressed_members  # written through unchanged: nothing lost
