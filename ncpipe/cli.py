@@ -19,6 +19,7 @@ from ncpipe.config import (
     CompressConfig,
     ConfigError,
     DecompressConfig,
+    RecompressConfig,
 )
 from ncpipe.images import DEFAULT_MAX_PIXELS
 
@@ -111,6 +112,45 @@ def _decompress(args: argparse.Namespace) -> int:
     return 0 if summary.complete else 1
 
 
+def _add_recompress(sub) -> None:
+    p = sub.add_parser(
+        "recompress",
+        help="re-encode an archive's samples with a newer model, as a new generation",
+        description="Select samples of the archive's current generation by policy (any of the conditions "
+        "given; none: every sample not already coded by --model), re-encode them from their originals "
+        "when those are reachable or else by transcoding the old bitstreams, write a complete new "
+        "generation with lineage columns in its manifest, and switch CURRENT to it. A run with nothing "
+        "to do changes nothing.",
+    )
+    p.add_argument("archive", help="the archive root (holding CURRENT)")
+    p.add_argument("-m", "--model", required=True, help="target model: registry name or checkpoint path")
+    p.add_argument("--older-than-model", help="policy: samples coded by a model released before this one")
+    p.add_argument("--min-psnr", type=float, help="policy: samples whose PSNR is below this (dB)")
+    p.add_argument("--max-bpp", type=float, help="policy: samples whose bpp is above this")
+    p.add_argument("--originals", help="prefix holding the original shards (default: the URLs in the manifest)")
+    p.add_argument("--transcode", action="store_true", help="never read originals; decode the old bitstreams")
+    p.add_argument("--decode-model", action="append", default=[], metavar="MODEL",
+                   help="an old model to transcode with that is not in the registry (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="list what would change and the projected bytes")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    _add_cluster_options(p)
+    p.set_defaults(handler=_recompress)
+
+
+def _recompress(args: argparse.Namespace) -> int:
+    from ncpipe.pipeline.jobs import run_recompress
+
+    summary = run_recompress(RecompressConfig(
+        archive=args.archive, model=args.model, older_than_model=args.older_than_model,
+        min_psnr=args.min_psnr, max_bpp=args.max_bpp, originals=args.originals,
+        transcode_only=args.transcode, decode_models=tuple(args.decode_model), dry_run=args.dry_run, batch_size=args.batch_size,
+        device=args.device, cluster=_cluster(args),
+    ))
+    print(summary.text())
+    return 0 if summary.complete else 1
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="compress the shipped sample shards with the default model, then restore them",
                        description=f"Runs compress on {DEMO_SHARDS.relative_to(REPO_ROOT)}/*.tar with model "
@@ -158,7 +198,7 @@ COMMAND_MODULES = (
     "ncpipe.operations.commands",
     "ncpipe.diffusion.commands",
 )
-CORE_COMMANDS: Sequence[Callable] = (_add_compress, _add_decompress, _add_demo, _add_models)
+CORE_COMMANDS: Sequence[Callable] = (_add_compress, _add_decompress, _add_recompress, _add_demo, _add_models)
 
 
 def build_parser() -> argparse.ArgumentParser:

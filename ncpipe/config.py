@@ -71,6 +71,42 @@ class CompressConfig:
 
 
 @dataclass(frozen=True)
+class RecompressConfig:
+    archive: str
+    model: str  # the target model: registry name or checkpoint path
+    older_than_model: str | None = None  # policy: samples coded by a model released before this one
+    min_psnr: float | None = None  # policy: samples below this PSNR (dB)
+    max_bpp: float | None = None  # policy: samples above this bpp
+    originals: str | None = None  # prefix holding the original shards (default: the recorded URLs)
+    transcode_only: bool = False  # never read originals; decode the old bitstreams instead
+    decode_models: tuple[str, ...] = ()  # old models for transcoding that are not in the registry
+    dry_run: bool = False
+    batch_size: int = 8
+    device: str = "auto"
+    metrics: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    y_chunk_channels: int = 32
+    coder_threads: int | None = None
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        if not self.archive or not self.model:
+            raise ConfigError("archive and model are required")
+        for name in ("batch_size", "max_pixels", "y_chunk_channels"):
+            _positive(self, name)
+        for name in ("min_psnr", "max_bpp"):
+            _positive(self, name, allow_none=True)
+
+    def compress_config(self) -> CompressConfig:
+        """The settings the shard workers encode with."""
+        return CompressConfig(
+            inputs=(self.archive,), output=self.archive, model=self.model, batch_size=self.batch_size,
+            device=self.device, metrics=self.metrics, max_pixels=self.max_pixels,
+            y_chunk_channels=self.y_chunk_channels, coder_threads=self.coder_threads, cluster=self.cluster,
+        )
+
+
+@dataclass(frozen=True)
 class DecompressConfig:
     inputs: tuple[str, ...]  # an archive root, a generation directory, or bitstream shards
     output: str

@@ -54,6 +54,12 @@ class ManifestRow:
     passthrough: bool = False  # the original members were stored unchanged
     carried_members: list[str] = field(default_factory=list)
     output_shard: str | None = None
+    generation: str | None = None  # the archive generation this row belongs to
+    # Lineage, set when recompression re-encoded the sample:
+    previous_model_sha256: str | None = None
+    previous_compressed_bytes: int | None = None
+    recompress_source: str | None = None  # "original" (re-encoded) or "transcoded" (from the old bitstream)
+    psnr_vs_previous: float | None = None  # transcoded: generation loss against the previous reconstruction
 
 
 @dataclass

@@ -1,9 +1,142 @@
-"""CLI subcommands of the diffusion decoders (registered by ncpipe.cli and ncpipe.train.commands)."""
+"""CLI subcommands of the diffusion decoders: ``ncpipe train refiner`` and ``ncpipe evaluate-refiner``.
+
+``register`` is called by ``ncpipe.cli`` (top-level commands); ``register_train`` by the ``train``
+command group, with that group's subparsers. Heavy imports happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _labelled_path(text: str) -> tuple[str, str]:
+    label, sep, path = text.partition("=")
+    if not sep or not label or not path:
+        raise argparse.ArgumentTypeError(f"expected LABEL=PATH, got {text!r}")
+    return label, path
 
 
 def register(subparsers) -> None:
-    """Top-level diffusion subcommands (none yet)."""
+    """Top-level diffusion subcommands: ``evaluate-refiner``."""
+    p = subparsers.add_parser(
+        "evaluate-refiner",
+        help="compare diffusion refiners with their base codec at identical bits (PSNR, MS-SSIM, decode time vs K)",
+        description="For each codec (rate point) and image: encode once, decode the codec's x̂, then refine the same "
+        "bitstream with every refiner trained for that codec at each K (and with sample guidance for bridge "
+        "refiners when --guidance > 0). Writes results.parquet/csv, summary.csv/md and plots to --output.",
+    )
+    p.add_argument("--codec", action="append", required=True, help="registry name or checkpoint path (repeat per rate point)")
+    p.add_argument("--refiner", action="append", type=_labelled_path, default=[], metavar="LABEL=PATH",
+                   help="a refiner checkpoint and its method label (repeat); e.g. nc=runs/refiners/nc/refiner.pt")
+    p.add_argument("--images", required=True, help="folder of evaluation images (e.g. ../shared/data/kodak)")
+    p.add_argument("--limit", type=int, default=0, help="first N images by name (default: all)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--steps", type=_int_tuple, default=(1, 2, 4, 8), help="sampler steps K (default: 1,2,4,8)")
+    p.add_argument("--guidance", type=float, default=0.0, help="latent-consistency strength S for the guided variants (0: none)")
+    p.add_argument("--guidance-low-frequency", type=float, default=0.0, help="low-frequency consistency weight w")
+    p.add_argument("--guided", action="append", default=[], metavar="LABEL",
+                   help="refiners to evaluate with guidance too (default: every bridge refiner)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.set_defaults(handler=_evaluate_refiner)
+
+
+def _evaluate_refiner(args: argparse.Namespace) -> int:
+    import torch
+
+    from ncpipe.evaluation.refiners import RefinerEvalConfig, evaluate_refiners
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = RefinerEvalConfig(
+        codecs=tuple(args.codec), refiners=tuple(args.refiner), images=args.images, output=args.output,
+        steps=args.steps, guidance=args.guidance, guidance_low_frequency=args.guidance_low_frequency,
+        guided=tuple(args.guided), limit=args.limit, device=args.device,
+    )
+    _, written = evaluate_refiners(config, command=_command_line())
+    print("\n".join(str(p) for p in written))
+    return 0
 
 
 def register_train(train_subparsers) -> None:
-    """`ncpipe train <refiner>` subcommands (none yet)."""
+    """``ncpipe train refiner``."""
+    p = train_subparsers.add_parser(
+        "refiner",
+        help="train an NC-Diffusion refiner (or the Gaussian-start baseline) for frozen codec checkpoints",
+        description="Trains a conditional U-Net on the codec's real reconstructions x̂ of the training images "
+        "(bridge x_t = x0 + η(x̂ − x0), x0 target). Resumable: re-run with the same --run-dir. The released "
+        "refiner is <run-dir>/refiner.pt and only accepts the codecs it was trained for.",
+    )
+    p.add_argument("--codec", action="append", required=True,
+                   help="registry name or checkpoint path; repeat for several rate points of one architecture")
+    p.add_argument("--data", action="append", required=True, help="training images (folder, file or shards); repeatable")
+    p.add_argument("--run-dir", required=True, help="training state and refiner.pt go here")
+    p.add_argument("--baseline", choices=("gaussian",),
+                   help="train the CDC-style Gaussian-start baseline (same U-Net, conditioned on x̂) instead")
+    net = p.add_argument_group("network")
+    net.add_argument("--base-channels", type=int, default=32)
+    net.add_argument("--channel-mults", type=_int_tuple, default=(1, 2, 2))
+    net.add_argument("--blocks-per-level", type=int, default=1)
+    net.add_argument("--time-embed-dim", type=int, default=128)
+    net.add_argument("--no-affm", action="store_true", help="plain skip connections (the AFFM ablation)")
+    net.add_argument("--latent-features", type=int, default=0, help="condition on F channels projected from ŷ (0: off)")
+    net.add_argument("--rate-conditioning", action="store_true", help="condition on log λ (one refiner for several rates)")
+    proc = p.add_argument_group("process")
+    proc.add_argument("--schedule", choices=("geometric", "linear", "polynomial"), default="geometric")
+    proc.add_argument("--eta-min", type=float, default=0.05)
+    proc.add_argument("--eta-power", type=float, default=1.0)
+    proc.add_argument("--train-schedule-steps", type=int, default=4, help="T: training draws η from the T-step schedule")
+    proc.add_argument("--kappa", type=float, default=0.0, help="Gaussian term κ·sqrt(η)·ε of the bridge (0: none)")
+    proc.add_argument("--parameterization", choices=("auto", "residual", "x0"), default="auto")
+    proc.add_argument("--loss", choices=("l2", "l1"), default="l2")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--steps", type=int, default=20000)
+    opt.add_argument("--batch-size", type=int, default=8)
+    opt.add_argument("--crop", type=int, default=128, help="crop side, a multiple of 16")
+    opt.add_argument("--lr", type=float, default=2e-4)
+    opt.add_argument("--warmup-steps", type=int, default=100)
+    opt.add_argument("--lr-decay-at", type=float, default=0.85)
+    opt.add_argument("--max-images", type=int, default=0, help="use the first N training images (0: all)")
+    opt.add_argument("--cache-dir", help="keep the codec-decoded training set here and reuse it across runs")
+    opt.add_argument("--checkpoint-every", type=int, default=500)
+    opt.add_argument("--log-every", type=int, default=50)
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--device", default="auto")
+    opt.add_argument("--no-amp", action="store_true", help="no bfloat16 autocast on GPUs")
+    opt.add_argument("--threads", type=int, default=0)
+    p.set_defaults(handler=_train_refiner)
+
+
+def _train_refiner(args: argparse.Namespace) -> int:
+    from ncpipe.train.refiner_trainer import RefinerTrainConfig, train_refiner
+
+    config = RefinerTrainConfig(
+        codecs=tuple(args.codec), data=tuple(args.data), run_dir=args.run_dir,
+        process="gaussian" if args.baseline == "gaussian" else "bridge",
+        base_channels=args.base_channels, channel_mults=args.channel_mults, blocks_per_level=args.blocks_per_level,
+        time_embed_dim=args.time_embed_dim, affm=not args.no_affm, latent_features=args.latent_features,
+        rate_conditioning=args.rate_conditioning, schedule=args.schedule, eta_min=args.eta_min,
+        eta_power=args.eta_power, train_schedule_steps=args.train_schedule_steps, kappa=args.kappa,
+        parameterization=args.parameterization, loss=args.loss, steps=args.steps, batch_size=args.batch_size,
+        crop=args.crop, lr=args.lr, warmup_steps=args.warmup_steps, lr_decay_at=args.lr_decay_at,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed, device=args.device,
+        amp=not args.no_amp, threads=args.threads, max_images=args.max_images, cache_dir=args.cache_dir,
+    )
+    print(train_refiner(config))
+    return 0
+
+
+def _command_line() -> str:
+    return "ncpipe " + " ".join(shlex.quote(a) for a in sys.argv[1:])

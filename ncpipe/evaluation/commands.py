@@ -1,5 +1,100 @@
-"""CLI subcommands of this package (registered by ncpipe.cli)."""
+"""``ncpipe evaluate``: learned codecs against classical baselines on one image set (see ncpipe.evaluation.run)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+
+from ncpipe.train.commands import command_line, merge_overrides, read_job_spec
+
+log = logging.getLogger(__name__)
+
+EVALUATE_KIND = "evaluate"
+_BASELINE_NAMES = ("jpeg", "webp", "avif", "jpegxl")  # ncpipe.evaluation.baselines.BASELINE_NAMES (not imported: --help stays instant)
 
 
 def register(subparsers) -> None:
-    """Add this package's subcommands (none yet)."""
+    """Add ``ncpipe evaluate``."""
+    p = subparsers.add_parser(
+        "evaluate", help="rate-distortion of learned codecs and classical baselines on an image set",
+        description="Codes every image with every model (real .ncb bitstreams, container counted) and every "
+        "baseline at each of its quality levels, then writes results.parquet/.csv (per image and rate point), "
+        "summary.csv (means), bd_rate.md/.json (each learned series vs each baseline, PSNR and MS-SSIM) and "
+        "rd_psnr.png/rd_msssim.png into --output. Fields can come from --spec FILE.yaml "
+        f"(kind: {EVALUATE_KIND}, spec: {{field: value}}); flags override the file.",
+    )
+    p.add_argument("--spec", metavar="FILE.yaml", help=f"a kind: {EVALUATE_KIND} spec file (e.g. jobs/evaluate-kodak.yaml)")
+    p.add_argument("--images", metavar="DIR", default=argparse.SUPPRESS,
+                   help="image folder (default: ../shared/data/kodak from the repository root)")
+    p.add_argument("--models", nargs="+", metavar="NAME_OR_PATH", default=argparse.SUPPRESS,
+                   help="registry names, model folders or checkpoint files (default: every registry model)")
+    baselines = p.add_mutually_exclusive_group()
+    baselines.add_argument("--baselines", nargs="+", choices=_BASELINE_NAMES, metavar="NAME", default=argparse.SUPPRESS,
+                           help=f"classical codecs to run, of {', '.join(_BASELINE_NAMES)} (default: all; a missing "
+                           "one is an error that names it)")
+    baselines.add_argument("--no-baselines", dest="baselines", action="store_const", const=[],
+                           default=argparse.SUPPRESS, help="learned codecs only")
+    p.add_argument("--output", "-o", metavar="DIR", default=argparse.SUPPRESS, help="output folder (default: out/evaluate)")
+    p.add_argument("--device", default=argparse.SUPPRESS, help="auto (GPU when present), cpu or cuda[:N] (default: auto)")
+    p.add_argument("--update-cards", dest="update_cards", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                   help="write the measured means into each evaluated registry model's card.json and README.md "
+                   "(replacing its entry for this image set)")
+    p.add_argument("--max-images", type=int, metavar="N", default=argparse.SUPPRESS,
+                   help="only the first N images, sorted by name")
+    p.add_argument("--dataset", default=argparse.SUPPRESS,
+                   help="name of the image set in cards and titles (default: the folder's name)")
+    p.set_defaults(handler=_evaluate)
+
+
+_FIELDS = ("images", "models", "baselines", "output", "device", "update_cards", "max_images", "dataset")
+
+
+def evaluate_config(args: argparse.Namespace):
+    """The EvaluateConfig of an ``evaluate`` command line: the spec file, then the flags."""
+    from ncpipe.config import config_from_mapping
+    from ncpipe.evaluation.run import EvaluateConfig
+
+    spec = read_job_spec(args.spec, EVALUATE_KIND) if args.spec else {}
+    overrides = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)}
+    return config_from_mapping(EvaluateConfig, merge_overrides(spec, overrides), f"{args.spec} spec" if args.spec else "")
+
+
+def _given_options(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """The options given on the command line, to record it in cards and outputs."""
+    options: list[tuple[str, object]] = [("--spec", args.spec)]
+    for name in _FIELDS:
+        if not hasattr(args, name):
+            continue
+        value = getattr(args, name)
+        if name == "baselines" and not value:
+            options.append(("--no-baselines", True))
+        elif name == "update_cards" and not value:
+            options.append(("--no-update-cards", True))
+        else:
+            options.append((f"--{name.replace('_', '-')}", value))
+    return options
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ncpipe.evaluation.baselines import BaselineUnavailableError
+    from ncpipe.evaluation.run import run_evaluation
+
+    config = evaluate_config(args)
+    command = command_line(["evaluate"], _given_options(args))
+    try:
+        report = run_evaluation(config, command)
+    except BaselineUnavailableError as err:  # a RuntimeError, which ncpipe.cli.main does not report
+        log.error("%s (leave it out with --baselines, or --no-baselines)", err)
+        return 2
+    print(f"{report.dataset}: {len(report.rows)} measurements -> {report.output}")
+    print(f"{'codec':32s} {'rate point':>12s} {'bpp':>8s} {'PSNR':>7s} {'MS-SSIM':>8s}")
+    for row in report.summary:
+        print(f"{row.codec[-32:]:32s} {row.rate_point:>12s} {row.bpp:8.4f} {row.psnr:7.2f} {row.ms_ssim:8.4f}")
+    for entry in report.bd:
+        value = f"{entry.bd_rate_percent:+.2f}%" if entry.bd_rate_percent is not None and math.isfinite(
+            entry.bd_rate_percent) else f"n/a ({entry.error})"
+        print(f"BD-rate {entry.series} vs {entry.baseline} ({entry.metric}): {value}")
+    for path in report.files + report.updated_cards:
+        print(f"wrote {path}")
+    return 0

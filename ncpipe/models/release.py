@@ -65,6 +65,7 @@ def release_run(
     card = {
         "name": name,
         "summary": summary,
+        "released": now_utc(),
         "arch": state["arch"],
         "hparams": state["hparams"],
         "rate": checkpoint["rate"],

@@ -15,7 +15,7 @@ import ray
 import torch
 
 from ncpipe.codec import LearnedCodec
-from ncpipe.config import CompressConfig, DecompressConfig
+from ncpipe.config import CompressConfig, DecompressConfig, RecompressConfig
 from ncpipe.models.registry import load_model
 from ncpipe.train.loop import resolve_device
 
@@ -73,6 +73,30 @@ class DecompressActor:
         _set_threads(threads)
         self.worker = ShardDecompressor(
             config, resolve_device(config.device), threads, _progress_reporter(progress_counter)
+        )
+
+    def run(self, task):
+        return self.worker.run(task)
+
+    def ping(self) -> bool:
+        return True
+
+
+@ray.remote
+class RecompressActor:
+    """Holds the target model, and decodes old bitstreams with the models they name."""
+
+    def __init__(self, config: RecompressConfig, threads: int, progress_counter: str):
+        from ncpipe.pipeline.decompress import CodecCache
+        from ncpipe.pipeline.recompress import ShardRecompressor
+
+        _set_threads(threads)
+        device = resolve_device(config.device)
+        codec = LearnedCodec(load_model(config.model).to(device), config.y_chunk_channels,
+                             config.coder_threads or threads)
+        self.worker = ShardRecompressor(
+            config.compress_config(), codec, config.model, threads, _progress_reporter(progress_counter),
+            models=CodecCache(device, threads, config.decode_models),
         )
 
     def run(self, task):

@@ -14,13 +14,14 @@ in that order; a shard counts as done only once its marker exists.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -51,6 +52,7 @@ class ShardTask:
     commit_url: str
     job_id: str
     fingerprint: str
+    generation: str
     attempt: int = 1
 
 
@@ -68,10 +70,14 @@ class ShardStats:
 
 @dataclass
 class _Prepared:
+    """A sample ready for the encoder, or to be written through (``error`` / ``kept_row``)."""
+
     sample: Sample
     image_member: TarMember | None = None
     image: DecodedImage | None = None
     error: str | None = None
+    kept_row: ManifestRow | None = None  # already coded: written through with this row
+    lineage: dict | None = None  # fields that override the new row (recompression)
 
 
 @dataclass
@@ -127,9 +133,10 @@ class ShardCompressor:
         started = time.perf_counter()
         stats = ShardStats(task.stem)
         rows: list[ManifestRow] = []
+        self._reported = 0
         try:
             with atomic_writer(task.shard_url) as handle, TarShardWriter(handle) as writer:
-                self._compress_samples(task, writer, rows)
+                self._encode_items(task, self.prepared_items(task), writer, rows)
         except ShardUnreadable as err:
             # The shard itself is unusable: record it once; an empty output shard keeps
             # the layout uniform for readers.
@@ -146,18 +153,24 @@ class ShardCompressor:
         self._commit(task, stats)
         return stats
 
-    def _compress_samples(self, task: ShardTask, writer: TarShardWriter, rows: list[ManifestRow]) -> None:
-        self._reported = 0
+    def prepared_items(self, task: ShardTask) -> Iterator[_Prepared]:
+        """The input shard's samples, decoded on the pool, in order."""
         samples = read_ahead(iter_samples(task.input_url), depth=4 * self.config.batch_size)
-        prepared = map_ordered(
+        return map_ordered(
             lambda s: prepare(s, self.config.max_pixels),
             samples,
             self.decode_pool,
             window=2 * self.config.batch_size,
         )
+
+    def _encode_items(self, task: ShardTask, items: Iterable[_Prepared], writer: TarShardWriter,
+                      rows: list[ManifestRow]) -> None:
         batcher: ShapeBatcher[_Prepared] = ShapeBatcher(self.config.batch_size)
         inflight: deque[_InflightBatch] = deque()
-        for item in prepared:
+        for item in items:
+            if item.kept_row is not None:
+                self._write_kept(task, item, writer, rows)
+                continue
             if item.error is not None:
                 self._write_passthrough(task, item, writer, rows)
                 continue
@@ -226,8 +239,14 @@ class ShardCompressor:
                     encode_seconds=seconds_each,
                     carried_members=carried,
                     output_shard=redact(task.shard_url),
+                    generation=task.generation,
                 )
             )
+            if item.lineage:
+                rows[-1] = self.apply_lineage(rows[-1], item.lineage)
+
+    def apply_lineage(self, row: ManifestRow, lineage: dict) -> ManifestRow:
+        return dataclasses.replace(row, **lineage)
 
     def _write_coded(self, item: _Prepared, bitstream: bytes, writer: TarShardWriter) -> list[str]:
         """The bitstream takes the image member's place; every other member is carried."""
@@ -257,8 +276,15 @@ class ShardCompressor:
                 passthrough=True,
                 carried_members=[_printable(m.name) for m in item.sample.members],
                 output_shard=redact(task.shard_url),
+                generation=task.generation,
             )
         )
+
+    def _write_kept(self, task: ShardTask, item: _Prepared, writer: TarShardWriter, rows: list[ManifestRow]) -> None:
+        """An already coded sample that stays as it is (recompression did not select it)."""
+        for member in item.sample.members:
+            writer.add(member.name, member.data)
+        rows.append(dataclasses.replace(item.kept_row, output_shard=redact(task.shard_url), generation=task.generation))
 
     def _shard_error_row(self, task: ShardTask, error: str) -> ManifestRow:
         return ManifestRow(
@@ -269,6 +295,7 @@ class ShardCompressor:
             status=STATUS_ERROR,
             error=f"shard unreadable: {error}",
             output_shard=redact(task.shard_url),
+            generation=task.generation,
         )
 
     def _part_metadata(self, task: ShardTask) -> dict:
@@ -290,6 +317,7 @@ class ShardCompressor:
             "ok": stats.ok,
             "errors": stats.errors,
             "shard_error": stats.shard_error,
+            "seconds": round(stats.seconds, 3),
         }
         write_bytes_atomic(task.commit_url, json.dumps(marker, indent=2).encode())
 

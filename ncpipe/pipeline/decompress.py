@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ncpipe import bitstream as fmt
@@ -61,6 +62,54 @@ class _Parsed:
     seconds: float = 0.0
 
 
+class CodecCache:
+    """Codecs by model SHA-256: the models given, and (unless ``only_given``) registry
+    models loaded on first use."""
+
+    def __init__(self, device: torch.device, threads: int, given: tuple[str, ...] = (), only_given: bool = False):
+        self.device = device
+        self.threads = threads
+        self.given = given
+        self.only_given = only_given
+        self.codecs: dict[str, LearnedCodec] = {}
+        self.unavailable: dict[str, str] = {}
+        for name in given:
+            self._add(load_model(name), name)
+
+    def _add(self, model, name: str) -> LearnedCodec:
+        codec = LearnedCodec(model.to(self.device), coder_threads=self.threads)
+        self.codecs[model.identity.sha256] = codec
+        log.info("loaded %s (%s)", name, model.identity.short)
+        return codec
+
+    def codec_for(self, header: fmt.BitstreamHeader) -> LearnedCodec:
+        """The codec for a bitstream's model, or :class:`ModelMismatchError` naming the one needed."""
+        sha = header.model_sha256
+        if sha in self.codecs:
+            return self.codecs[sha]
+        if sha not in self.unavailable:
+            ref = None if self.only_given else find_by_sha256(sha)
+            if ref is None:
+                given = f"; the model(s) given ({', '.join(self.given)}) differ" if self.given else ""
+                self.unavailable[sha] = (
+                    f"bitstream needs model {header.architecture} {describe_sha256(sha)}, "
+                    f"which is not available here{given}"
+                )
+            else:
+                try:
+                    return self._add(load_model(ref.name), ref.name)
+                except CheckpointError as err:
+                    self.unavailable[sha] = f"model {ref.name} needed by this bitstream failed to load: {err}"
+        raise ModelMismatchError(self.unavailable[sha])
+
+    def decode_pixels(self, data: bytes, max_pixels: int) -> tuple[fmt.BitstreamHeader, np.ndarray]:
+        """One bitstream -> (header, HxWx3 uint8), with whichever model wrote it."""
+        codec = self.codec_for(fmt.parse_header(data, max_pixels))
+        header, symbols = codec.decode_symbols(data, max_pixels)
+        (x_hat,) = codec.synthesise([header], [symbols])
+        return header, to_uint8_image(x_hat)
+
+
 class ShardDecompressor:
     def __init__(
         self,
@@ -70,42 +119,10 @@ class ShardDecompressor:
         on_progress: Callable[[int], None] = lambda samples: None,
     ):
         self.config = config
-        self.device = device
-        self.threads = threads
         self.on_progress = on_progress
-        self.codecs: dict[str, LearnedCodec] = {}
-        self.unavailable: dict[str, str] = {}
+        given = (config.model,) if config.model else ()
+        self.models = CodecCache(device, threads, given, only_given=bool(config.model))
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="restore")
-        if config.model:
-            self._add_codec(load_model(config.model), config.model)
-
-    # -- models ---------------------------------------------------------------------
-
-    def _add_codec(self, model, name: str) -> LearnedCodec:
-        codec = LearnedCodec(model.to(self.device), coder_threads=self.threads)
-        self.codecs[model.identity.sha256] = codec
-        log.info("restore: loaded %s (%s)", name, model.identity.short)
-        return codec
-
-    def codec_for(self, header: fmt.BitstreamHeader) -> LearnedCodec:
-        """The codec for a bitstream's model, loaded from the registry on first use."""
-        sha = header.model_sha256
-        if sha in self.codecs:
-            return self.codecs[sha]
-        if sha not in self.unavailable:
-            ref = None if self.config.model else find_by_sha256(sha)
-            if ref is None:
-                given = f"; --model {self.config.model} is a different model" if self.config.model else ""
-                self.unavailable[sha] = (
-                    f"bitstream needs model {header.architecture} {describe_sha256(sha)}, "
-                    f"which is not available here{given}"
-                )
-            else:
-                try:
-                    return self._add_codec(load_model(ref.name), ref.name)
-                except CheckpointError as err:
-                    self.unavailable[sha] = f"model {ref.name} needed by this bitstream failed to load: {err}"
-        raise ModelMismatchError(self.unavailable[sha])
 
     # -- one shard ------------------------------------------------------------------
 
@@ -158,7 +175,7 @@ class ShardDecompressor:
             return _Parsed(sample, member, error=sample.error)
         try:
             header = fmt.parse_header(member.data, self.config.max_pixels)
-            codec = self.codec_for(header)
+            codec = self.models.codec_for(header)
             header, symbols = codec.decode_symbols(member.data, self.config.max_pixels)
         except (fmt.BitstreamError, ModelMismatchError) as err:
             return _Parsed(sample, member, error=str(err))

@@ -9,6 +9,7 @@ output is committed atomically and counted only once its commit marker exists.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -37,11 +38,33 @@ def connect(cluster: ClusterConfig) -> None:
     if cluster.address:
         ray.init(address=cluster.address, logging_level=logging.WARNING)
     else:
-        ray.init(
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            logging_level=logging.WARNING,
-        )
+        with _loopback_only():
+            # "local": a new cluster even when RAY_ADDRESS or a `ray start` cluster exists.
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+
+
+# Ray resolves a node IP of 127.0.0.1 to the machine's external address and binds its
+# servers there (or to every interface); only its single-machine mode (this switch off)
+# keeps the GCS, raylet, workers and agents on loopback. Ray reads it at import, so it is
+# also set on the imported constant; its processes, started by ray.init, inherit it.
+_SINGLE_NODE_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    from ray._private import ray_constants
+
+    saved = os.environ.get(_SINGLE_NODE_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_SINGLE_NODE_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:  # later connections to real clusters from this process behave as before
+        if saved[0] is None:
+            os.environ.pop(_SINGLE_NODE_SWITCH, None)
+        else:
+            os.environ[_SINGLE_NODE_SWITCH] = saved[0]
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
 
 
 def plan_workers(cluster: ClusterConfig) -> tuple[int, WorkerResources]:

@@ -8,6 +8,7 @@ configuration over existing outputs is refused unless ``overwrite`` is set.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -18,7 +19,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from ncpipe import __version__
-from ncpipe.config import ClusterConfig, CompressConfig, ConfigError, DecompressConfig
+from ncpipe.config import ClusterConfig, CompressConfig, ConfigError, DecompressConfig, RecompressConfig
 from ncpipe.io.storage import (
     exists,
     list_files,
@@ -28,7 +29,7 @@ from ncpipe.io.storage import (
     size_of,
     write_bytes_atomic,
 )
-from ncpipe.io.urls import expand_inputs, redact
+from ncpipe.io.urls import expand_inputs, redact, shard_stem
 from ncpipe.manifest import RESTORE_SCHEMA, STATUS_ERROR, STATUS_OK, read_manifest
 from ncpipe.models.checkpoint import model_digest, read_checkpoint
 from ncpipe.models.registry import describe_sha256, find_by_sha256, resolve_model
@@ -38,6 +39,7 @@ from ncpipe.pipeline.layout import (
     ArchiveLayout,
     GenerationLayout,
     RestoreLayout,
+    generation_name,
     output_stems,
 )
 
@@ -157,7 +159,7 @@ def run_compress(config: CompressConfig) -> CompressSummary:
     stems = output_stems(inputs)
     tasks = [
         ShardTask(url, stems[url], generation.shard(stems[url]), generation.manifest_part(stems[url]),
-                  generation.commit_marker(stems[url]), job_id, fingerprint)
+                  generation.commit_marker(stems[url]), job_id, fingerprint, FIRST_GENERATION)
         for url in inputs
         if not is_committed(generation.commit_marker(stems[url]), url, fingerprint)
     ]
@@ -241,12 +243,17 @@ def _mean(column) -> float | None:
 
 
 def _redacted_config(config) -> dict[str, Any]:
-    raw = asdict(config)
-    raw["inputs"] = [redact(spec) for spec in config.inputs]
-    raw["output"] = redact(config.output)
-    if raw.get("cluster", {}).get("address"):
-        raw["cluster"]["address"] = redact(raw["cluster"]["address"])
-    return raw
+    """The config as JSON-ready data, with every string passed through ``redact``."""
+    def clean(value):
+        if isinstance(value, str):
+            return redact(value)
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return clean(asdict(config))
 
 
 @dataclass(frozen=True)
@@ -346,3 +353,148 @@ def run_decompress(config: DecompressConfig) -> RestoreSummary:
         samples_per_second=sum(r.samples for r in outcome.results) / wall if wall > 0 else 0.0,
     )
 
+
+
+@dataclass(frozen=True)
+class RecompressSummary:
+    archive: str
+    previous_generation: str
+    generation: str | None  # None when there was nothing to do, or for a dry run
+    policy: str
+    dry_run: bool
+    shards: int
+    selected: int
+    from_originals: int
+    transcoded: int
+    kept: int  # selected but left as they were (original unusable, old model missing)
+    bytes_before: int  # the selected samples' bitstreams before
+    bytes_after: int | None  # after (projected from the target model's card for a dry run)
+    mean_generation_loss_db: float | None  # mean PSNR of transcoded samples against their old reconstruction
+    switched: bool
+    shards_failed: list[str]
+    wall_seconds: float
+
+    @property
+    def complete(self) -> bool:
+        return not self.shards_failed
+
+    def text(self) -> str:
+        after = "n/a" if self.bytes_after is None else _mb(self.bytes_after)
+        saving = (
+            f" ({100 * (1 - self.bytes_after / self.bytes_before):.1f}% less)"
+            if self.bytes_after is not None and self.bytes_before else ""
+        )
+        head = "DRY RUN: nothing written. " if self.dry_run else ""
+        lines = [
+            f"{head}archive {self.archive}: generation {self.previous_generation}"
+            + (f" -> {self.generation}" if self.generation else ""),
+            f"policy      {self.policy}",
+            f"selected    {self.selected} samples in {self.shards} shards",
+        ]
+        if not self.selected:
+            lines.append("nothing to do: no sample matches the policy")
+            return "\n".join(lines)
+        lines.append(f"bytes       {_mb(self.bytes_before)} -> {after}{saving}"
+                     + (" projected from the target model's card" if self.dry_run else ""))
+        if not self.dry_run:
+            loss = _fmt(self.mean_generation_loss_db, ".2f")
+            lines += [
+                f"re-encoded  {self.from_originals} from originals, {self.transcoded} transcoded "
+                f"(mean PSNR vs previous reconstruction {loss} dB), {self.kept} kept as they were",
+                f"current     {'switched to ' + self.generation if self.switched else 'unchanged'}",
+                f"time        {self.wall_seconds:.1f}s",
+            ]
+        lines += [f"FAILED      {name}" for name in self.shards_failed]
+        return "\n".join(lines)
+
+
+def run_recompress(config: RecompressConfig) -> RecompressSummary:
+    from ncpipe.manifest import ManifestRow
+    from ncpipe.pipeline.actors import RecompressActor
+    from ncpipe.pipeline.recompress import RecompressPolicy, RecompressTask, is_selected, policy_cutoff
+
+    started = time.perf_counter()
+    archive = ArchiveLayout(config.archive)
+    current = archive.current_generation()
+    if current is None:
+        raise ConfigError(f"{redact(config.archive)} has no CURRENT generation: not an ncpipe archive")
+    previous = archive.generation(current)
+    target_sha = model_sha256_of(config.model)
+    policy = RecompressPolicy(config.older_than_model, config.min_psnr, config.max_bpp)
+    cutoff = policy_cutoff(policy)
+    table = read_manifest(previous.manifest_dir)
+    by_shard: dict[str, list[dict]] = {}
+    for row in table.to_pylist():
+        by_shard.setdefault(row["output_shard"], []).append(row)
+    selection = {
+        shard: frozenset(i for i, row in enumerate(rows) if is_selected(row, target_sha, policy, cutoff))
+        for shard, rows in by_shard.items()
+    }
+    chosen = [by_shard[s][i] for s, positions in selection.items() for i in positions]
+    base = dict(archive=redact(config.archive), previous_generation=current, policy=policy.describe(),
+                shards=sum(1 for p in selection.values() if p), selected=len(chosen),
+                bytes_before=sum(r["compressed_bytes"] for r in chosen), shards_failed=[])
+    if not chosen or config.dry_run:
+        return RecompressSummary(
+            **base, generation=None, dry_run=config.dry_run, from_originals=0, transcoded=0, kept=0,
+            bytes_after=_projected_bytes(config.model, chosen) if chosen else None,
+            mean_generation_loss_db=None, switched=False, wall_seconds=time.perf_counter() - started,
+        )
+    fingerprint = hashlib.sha256(json.dumps(
+        {"target": target_sha, "from": current, "policy": dataclasses.asdict(policy),
+         "originals": config.originals, "transcode_only": config.transcode_only,
+         "coding": config.compress_config().coding_fingerprint(target_sha)}, sort_keys=True,
+    ).encode()).hexdigest()[:16]
+    job_id = new_job_id(fingerprint)
+    name = generation_name(int(current.lstrip("g")) + 1)
+    generation = archive.generation(name)
+    job = {"kind": "recompress", "ncpipe_version": __version__, "job_id": job_id, "fingerprint": fingerprint,
+           "model": {"id": config.model, "sha256": target_sha}, "previous_generation": current,
+           "policy": policy.describe(), "config": _redacted_config(config)}
+    # A later generation that is not CURRENT is an interrupted recompression: resume it
+    # if it was the same one, replace it otherwise (readers never saw it).
+    prepare_generation(generation, job, overwrite=_unfinished_other(generation, fingerprint))
+    tasks = []
+    for shard_url, rows in by_shard.items():
+        stem = shard_stem(shard_url)
+        if is_committed(generation.commit_marker(stem), shard_url, fingerprint):
+            continue
+        tasks.append(RecompressTask(
+            shard_url, stem, generation.shard(stem), generation.manifest_part(stem), generation.commit_marker(stem),
+            job_id, fingerprint, name, previous_rows=tuple(ManifestRow(**row) for row in rows),
+            selected=selection[shard_url], originals=config.originals, transcode_only=config.transcode_only,
+        ))
+    outcome = run_tasks(config.cluster, tasks, RecompressActor, config, "recompress")
+    failed = [redact(f.task.input_url) for f in outcome.failures]
+    new_rows = [r for r in read_manifest(generation.manifest_dir).to_pylist() if r["recompress_source"]]
+    losses = [r["psnr_vs_previous"] for r in new_rows if r["psnr_vs_previous"] is not None]
+    summary = RecompressSummary(
+        **{**base, "shards_failed": failed}, generation=name, dry_run=False,
+        from_originals=sum(r["recompress_source"] == "original" for r in new_rows),
+        transcoded=sum(r["recompress_source"] == "transcoded" for r in new_rows),
+        kept=len(chosen) - len(new_rows),
+        bytes_after=sum(r["compressed_bytes"] for r in new_rows)
+        + sum(r["compressed_bytes"] for r in chosen) - sum(r["previous_compressed_bytes"] for r in new_rows),
+        mean_generation_loss_db=sum(losses) / len(losses) if losses else None,
+        switched=not failed, wall_seconds=time.perf_counter() - started,
+    )
+    if not failed:
+        write_bytes_atomic(generation.summary_file, json.dumps(dataclasses.asdict(summary), indent=2).encode())
+        archive.set_current(name)
+    return summary
+
+
+def _unfinished_other(generation: GenerationLayout, fingerprint: str) -> bool:
+    if not exists(generation.job_file):
+        return False
+    return json.loads(read_bytes(generation.job_file)).get("fingerprint") != fingerprint
+
+
+def _projected_bytes(model: str, rows: list[dict]) -> int | None:
+    """Bytes the selected samples would take at the target model's measured (card) bpp."""
+    card = resolve_model(model).card or {}
+    evaluations = card.get("evaluations") or []
+    if not evaluations:
+        return None
+    bpp = evaluations[0]["bpp"]
+    return int(sum(r["width"] * r["height"] * bpp / 8 for r in rows))

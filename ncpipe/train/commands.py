@@ -1,5 +1,422 @@
-"""CLI subcommands of this package (registered by ncpipe.cli)."""
+"""``ncpipe train ...``: train a codec, release a run into the registry, import CompressAI zoo weights.
+
+::
+
+    ncpipe train codec [--spec jobs/train-codec.yaml] [--FIELD VALUE ...]   -> <run_dir>/train_state.pt
+    ncpipe train release RUN_DIR --name NAME [--eval-images DIR]            -> models/NAME/{model.pt,card.json,README.md}
+    ncpipe train import-zoo ARCH --quality Q [--file PATH] --name NAME      -> models/NAME/...
+
+A spec file is ``kind: <kind>`` plus ``spec:`` holding the config's fields (the shape
+``ncpipe run SPEC`` dispatches on); flags given on the command line override the file.
+Heavy imports (torch, CompressAI) happen inside the handlers, so ``ncpipe --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ncpipe.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+TRAIN_CODEC_KIND = "train-codec"
+
+# CompressAI's zoo models (MSE) were trained with these λ per quality (loss λ·255²·MSE + bpp):
+# CompressAI documentation, "Image compression" zoo page, section "Training".
+ZOO_MSE_LAMBDAS = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.0130, 5: 0.0250, 6: 0.0483, 7: 0.0932, 8: 0.1800}
+# CompressAI's zoo file names: <arch>-<quality>-<first hex digits of the file's SHA-256>.pth.tar
+_ZOO_FILE_NAME = re.compile(r"^(?P<arch>[A-Za-z0-9_-]+?)-(?P<quality>\d+)-(?P<hash>[0-9a-f]{6,64})\.pth\.tar$")
+
+
+# -- spec files and command lines, shared with ncpipe.evaluation.commands ------------------
+
+
+def read_job_spec(path: str | Path, kind: str) -> dict[str, Any]:
+    """The ``spec:`` mapping of a ``kind: <kind>`` job file; errors name the file and what is wrong."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"spec file {path} does not exist")
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(document, Mapping) or "kind" not in document:
+        raise ConfigError(f"{path}: expected a mapping with 'kind: {kind}' and 'spec:'")
+    if document["kind"] != kind:
+        raise ConfigError(f"{path}: kind is {document['kind']!r}, but this command runs kind {kind!r} specs")
+    spec = document.get("spec")
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{path}: 'spec:' must be a mapping of {kind} fields, got {type(spec).__name__}")
+    return dict(spec)
+
+
+def merge_overrides(spec: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec`` with each given flag replacing its field; mapping fields are merged key by key."""
+    merged = dict(spec)
+    for name, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(name), Mapping):
+            merged[name] = {**merged[name], **value}
+        else:
+            merged[name] = value
+    return merged
+
+
+def command_line(words: Sequence[str], options: Sequence[tuple[str, Any]]) -> str:
+    """``ncpipe <words> <options>`` as a shell line: the options given (None/False left out), in a fixed order."""
+    parts = ["ncpipe", *words]
+    for flag, value in options:
+        if value is None or value is False:
+            continue
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, Mapping):
+            parts += [flag, *(f"{k}={v}" for k, v in value.items())]
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, *map(str, value)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+# -- ncpipe train codec ----------------------------------------------------------------------
+
+
+def _key_int(text: str) -> tuple[str, int]:
+    key, sep, value = text.partition("=")
+    try:
+        if not sep or not key:
+            raise ValueError
+        return key, int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KEY=INTEGER (e.g. N=128), got {text!r}") from None
+
+
+# One flag per CodecTrainConfig field (tests/train/test_train_codec.py checks that none is missing).
+# Defaults live in CodecTrainConfig (ncpipe/train/codec_trainer.py), not here, so they cannot drift.
+TRAIN_CODEC_FLAGS: dict[str, dict[str, Any]] = {
+    "data": dict(nargs="+", metavar="DATA", help="image folders/files, or WebDataset shards (URLs, brace "
+                 "patterns, globs, shard folders; local, file:// or s3://)"),
+    "run_dir": dict(metavar="DIR", help="where the training state is saved; re-running resumes from it"),
+    "arch": dict(help="architecture: mbt2018-mean or bmshj2018-hyperprior"),
+    "hparams": dict(nargs="+", type=_key_int, metavar="KEY=INT", help="architecture sizes, e.g. N=96 M=128"),
+    "lmbda": dict(type=float, metavar="λ", help="rate-distortion trade-off: loss λ·255²·MSE + bpp"),
+    "steps": dict(type=int, help="total optimizer steps (resume continues to this count)"),
+    "batch_size": dict(type=int, help="crops per step"),
+    "crop": dict(type=int, metavar="PX", help="square crop size; smaller images are skipped"),
+    "lr": dict(type=float, help="learning rate of the main optimizer (Adam)"),
+    "aux_lr": dict(type=float, help="learning rate of the entropy bottleneck's quantile (aux) optimizer"),
+    "lr_decay_at": dict(type=float, metavar="FRACTION", help="the lr drops x0.1 after this fraction of the steps"),
+    "clip_grad_norm": dict(type=float, help="gradient norm clip of the main optimizer"),
+    "checkpoint_every": dict(type=int, metavar="STEPS", help="save the training state every this many steps"),
+    "log_every": dict(type=int, metavar="STEPS", help="log mean loss/bpp/PSNR/aux every this many steps"),
+    "seed": dict(type=int, help="seed of the weights' initialisation and of the crops"),
+    "device": dict(help="auto (GPU when present), cpu or cuda[:N]"),
+    "amp": dict(action=argparse.BooleanOptionalAction, help="bfloat16 mixed precision for the transforms (GPU only)"),
+    "threads": dict(type=int, help="torch CPU threads (0: torch's default)"),
+    "init_from": dict(metavar="TRAIN_STATE", help="start from another run's train_state.pt (weights only)"),
+}
+_POSITIVE_FIELDS = ("steps", "batch_size", "crop", "lr", "aux_lr", "checkpoint_every", "log_every", "lmbda")
+
+
+def _add_train_codec(sub) -> None:
+    p = sub.add_parser(
+        "codec", help="train a CompressAI architecture with the rate-distortion loss",
+        description="Rate-distortion training (loss λ·255²·MSE + bpp, plus the entropy bottleneck's aux loss) "
+        "on random crops of image folders or WebDataset shards. The state is saved atomically every "
+        "--checkpoint-every steps; running the same command again resumes. Every field can come from "
+        f"--spec FILE.yaml (kind: {TRAIN_CODEC_KIND}, spec: {{field: value}}); flags override the file. "
+        "Required: data and run_dir. Defaults: CodecTrainConfig in ncpipe/train/codec_trainer.py.",
+    )
+    p.add_argument("--spec", metavar="FILE.yaml", help=f"a kind: {TRAIN_CODEC_KIND} spec file (e.g. jobs/train-codec.yaml)")
+    for name, options in TRAIN_CODEC_FLAGS.items():
+        flags = ["--" + name.replace("_", "-")] + (["--lambda"] if name == "lmbda" else [])
+        p.add_argument(*flags, dest=name, default=argparse.SUPPRESS, **options)
+    p.set_defaults(handler=_train_codec)
+
+
+def train_codec_config(args: argparse.Namespace):
+    """The CodecTrainConfig of a ``train codec`` command line: the spec file, then the flags."""
+    from ncpipe.config import config_from_mapping
+    from ncpipe.train.codec_trainer import CodecTrainConfig
+
+    spec = read_job_spec(args.spec, TRAIN_CODEC_KIND) if args.spec else {}
+    overrides = {name: getattr(args, name) for name in TRAIN_CODEC_FLAGS if hasattr(args, name)}
+    if "hparams" in overrides:
+        overrides["hparams"] = dict(overrides["hparams"])
+    where = f"{args.spec} spec" if args.spec else ""
+    config = config_from_mapping(CodecTrainConfig, merge_overrides(spec, overrides), where)
+    for name in _POSITIVE_FIELDS:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name}: must be positive, got {getattr(config, name)!r}")
+    if not 0.0 < config.lr_decay_at <= 1.0:
+        raise ConfigError(f"lr_decay_at: must lie in (0, 1], got {config.lr_decay_at!r}")
+    if config.threads < 0:
+        raise ConfigError(f"threads: must be >= 0, got {config.threads!r}")
+    return config
+
+
+def _check_resumable(config) -> int:
+    """The step a run resumes from (0: a new run); refuse a run_dir holding a different model."""
+    from ncpipe.train.loop import load_state
+
+    state = load_state(Path(config.run_dir))
+    if state is None:
+        return 0
+    saved = {"arch": state["arch"], "hparams": dict(state["hparams"]), "lmbda": state["lmbda"]}
+    wanted = {"arch": config.arch, "hparams": dict(config.hparams), "lmbda": config.lmbda}
+    if saved != wanted:
+        raise ConfigError(
+            f"run_dir {config.run_dir} holds a run of {saved}, not {wanted}: resume it with its own settings, "
+            "or choose another run_dir (init_from starts a new run from its weights)"
+        )
+    return int(state["step"])
+
+
+def _train_codec(args: argparse.Namespace) -> int:
+    from ncpipe.train.codec_trainer import train_codec
+
+    config = train_codec_config(args)
+    start = _check_resumable(config)
+    if start >= config.steps:
+        print(f"{config.run_dir} is already at step {start} of {config.steps}: nothing to train")
+        return 0
+    path = train_codec(config)
+    print(f"trained {config.arch} {config.hparams} λ={config.lmbda:g} to step {config.steps}: {path}\n"
+          f"release it with: ncpipe train release {shlex.quote(config.run_dir)} --name NAME")
+    return 0
+
+
+# -- ncpipe train release --------------------------------------------------------------------
+
+
+def _add_release(sub) -> None:
+    p = sub.add_parser(
+        "release", help="freeze a training run into the model registry (checkpoint + measured card)",
+        description="Computes the entropy tables once, saves models/NAME/model.pt (weights-only, identified by "
+        "its SHA-256), measures it on --eval-images with real bitstreams and writes card.json + README.md. "
+        "The card records this command line.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a `train codec` run_dir (holding train_state.pt)")
+    p.add_argument("--name", required=True, help="registry name: the folder under --models-dir")
+    p.add_argument("--eval-images", metavar="DIR", help="images measured for the card (default: "
+                   "../shared/data/kodak from the repository root)")
+    p.add_argument("--dataset", help="name of the measured set in the card (default: the folder's name)")
+    p.add_argument("--models-dir", default="models", help="registry folder (default: models)")
+    p.add_argument("--summary", help="one-line description for the card")
+    p.add_argument("--series", help="RD series the model belongs to in `ncpipe evaluate` (default: its architecture)")
+    p.add_argument("--hardware", help="what it was trained on, for the card (e.g. '1x H100')")
+    p.add_argument("--wall-hours", type=float, help="training wall time, for the card")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing registry model of this name")
+    p.set_defaults(handler=_release)
+
+
+def _registry_folder(models_dir: str, name: str, overwrite: bool) -> Path:
+    """``models_dir/name``, refusing to replace a released model (its bitstreams name its SHA-256)."""
+    from ncpipe.models.registry import registry_roots
+
+    if not name or "/" in name or name in (".", ".."):
+        raise ConfigError(f"--name: {name!r} is not a folder name")
+    directory = Path(models_dir) / name
+    if directory.exists() and not overwrite:
+        raise ConfigError(f"{directory} exists: bitstreams written with it need its exact weights; "
+                          "choose another --name, or pass --overwrite")
+    if Path(models_dir).resolve() not in {root.resolve() for root in registry_roots()}:
+        log.warning("%s is not a registry root: add it to NCPIPE_MODEL_DIRS to load %s by name", models_dir, name)
+    return directory
+
+
+def _release(args: argparse.Namespace) -> int:
+    from ncpipe.evaluation.run import DEFAULT_IMAGES, dataset_label
+    from ncpipe.models.cards import write_card
+    from ncpipe.models.release import release_run
+    from ncpipe.train.data import list_image_files
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "train_state.pt").is_file():
+        raise FileNotFoundError(f"{run_dir} holds no train_state.pt: is it a `ncpipe train codec` run_dir?")
+    directory = _registry_folder(args.models_dir, args.name, args.overwrite)
+    images_dir = Path(args.eval_images) if args.eval_images else DEFAULT_IMAGES
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"evaluation images {images_dir} do not exist; pass --eval-images DIR")
+    images = list_image_files([str(images_dir)])
+    command = command_line(["train", "release", args.run_dir], [
+        ("--name", args.name), ("--eval-images", args.eval_images), ("--dataset", args.dataset),
+        ("--models-dir", args.models_dir), ("--summary", args.summary), ("--series", args.series),
+        ("--hardware", args.hardware), ("--wall-hours", args.wall_hours), ("--overwrite", args.overwrite),
+    ])
+    facts = {k: v for k, v in (("hardware", args.hardware), ("wall_hours", args.wall_hours)) if v is not None}
+    card = release_run(
+        run_dir=run_dir, models_dir=Path(args.models_dir), name=args.name, eval_images=images,
+        dataset=dataset_label(args.dataset or images_dir.name, len(images)), command=command,
+        summary=args.summary or f"Trained with `ncpipe train codec` ({run_dir.name}).", training_facts=facts,
+    )
+    if args.series:
+        write_card(directory, {**card, "series": args.series})
+    result = card["evaluations"][0]
+    print(f"released {directory}: sha256 {card['sha256']}\n"
+          f"{result['dataset']}: {result['bpp']:.4f} bpp, PSNR {result['psnr']:.2f} dB, MS-SSIM {result['ms_ssim']:.4f}")
+    return 0
+
+
+# -- ncpipe train import-zoo -----------------------------------------------------------------
+
+
+def _add_import_zoo(sub) -> None:
+    p = sub.add_parser(
+        "import-zoo", help="release CompressAI zoo weights (a local file or the torch hub cache) into the registry",
+        description="Reads CompressAI pretrained weights (MSE) without downloading anything: from --file, or "
+        "from the torch hub cache (torch.hub.get_dir()/checkpoints/<arch>-<quality>-<hash>.pth.tar, where "
+        "CompressAI's own zoo stores them). A zoo file name's hash must match the file's SHA-256. The model "
+        "is built with CompressAI's state-dict loading, its entropy tables computed once, and saved as a "
+        "registry model with a card saying where the weights came from.",
+    )
+    p.add_argument("arch", metavar="ARCH", help="mbt2018-mean or bmshj2018-hyperprior")
+    p.add_argument("--quality", type=int, required=True, help="CompressAI quality level 1..8")
+    p.add_argument("--file", metavar="PATH", help="the weights file (default: find it in the torch hub cache)")
+    p.add_argument("--name", required=True, help="registry name")
+    p.add_argument("--models-dir", default="models", help="registry folder (default: models)")
+    p.add_argument("--lmbda", "--lambda", dest="lmbda", type=float,
+                   help="rate parameter for the bitstreams (default: CompressAI's training λ for --quality)")
+    p.add_argument("--eval-images", metavar="DIR", help="also measure it on these images for the card")
+    p.add_argument("--dataset", help="name of the measured set in the card (default: the folder's name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing registry model of this name")
+    p.set_defaults(handler=_import_zoo)
+
+
+def find_zoo_file(arch: str, quality: int, cache_dir: Path | None = None) -> Path:
+    """The one CompressAI zoo file for (arch, MSE, quality) in the torch hub cache; never downloads."""
+    import torch
+
+    cache_dir = cache_dir or Path(torch.hub.get_dir()) / "checkpoints"
+    pattern = f"{arch}-{quality}-*.pth.tar"
+    matches = sorted(p for p in cache_dir.glob(pattern) if _zoo_name(p.name) == (arch, quality))
+    if not matches:
+        raise FileNotFoundError(
+            f"no CompressAI zoo file {pattern} in {cache_dir} (the torch hub cache; TORCH_HOME moves it). "
+            "ncpipe never downloads weights: copy the file there, or pass --file PATH"
+        )
+    if len(matches) > 1:
+        raise ConfigError(f"several zoo files match {pattern} in {cache_dir}: {[p.name for p in matches]}; pass --file")
+    return matches[0]
+
+
+def _zoo_name(file_name: str) -> tuple[str, int] | None:
+    match = _ZOO_FILE_NAME.match(file_name)
+    return (match["arch"], int(match["quality"])) if match else None
+
+
+def import_zoo_weights(
+    arch: str, quality: int, path: Path, lmbda: float | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(released checkpoint, source facts) of a CompressAI weights file, after checking its name and sizes."""
+    import torch
+    from compressai.zoo.image import cfgs, model_urls
+    from compressai.zoo.pretrained import load_pretrained
+
+    from ncpipe.models.architectures import HyperpriorAdapter, architecture
+    from ncpipe.models.checkpoint import CheckpointError, file_sha256, release_checkpoint
+
+    spec = architecture(arch)
+    if lmbda is None and quality not in ZOO_MSE_LAMBDAS:
+        raise ConfigError(f"--quality: CompressAI's zoo has qualities 1..8, not {quality}")
+    source_sha256 = file_sha256(path)
+    named = _ZOO_FILE_NAME.match(path.name)
+    if named and (named["arch"], int(named["quality"])) != (arch, quality):
+        raise ConfigError(f"{path.name} is CompressAI's {named['arch']} quality {named['quality']}, "
+                          f"not {arch} quality {quality}")
+    if named and not source_sha256.startswith(named["hash"]):
+        raise CheckpointError(f"{path} has SHA-256 {source_sha256}, but its zoo name says it starts with "
+                              f"{named['hash']}: the file is damaged or not the one published under that name")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file; all mean "unreadable"
+        raise CheckpointError(f"{path} is not a loadable weights-only file: {err}") from None
+    state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    try:
+        model = spec.builder.from_state_dict(load_pretrained(state_dict))
+    except (KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{path} is not a CompressAI {arch} state dict: {err}") from None
+    adapter = HyperpriorAdapter(spec, model)
+    sizes = (adapter.hyper_channels, adapter.latent_channels)
+    official = model_urls.get(arch, {}).get("mse", {}).get(quality, "").rsplit("/", 1)[-1]
+    if named and sizes != tuple(cfgs[arch][quality]):
+        raise CheckpointError(f"{path} has N, M = {sizes}, but CompressAI's {arch} quality {quality} has "
+                              f"{tuple(cfgs[arch][quality])}")
+    source = {
+        "kind": "compressai-zoo", "arch": arch, "quality": quality, "metric": "mse", "file": str(path),
+        "file_sha256": source_sha256, "zoo_file_name": bool(named), "compressai_release": path.name == official,
+        "lambda": "given" if lmbda is not None else "CompressAI zoo training λ for this quality",
+    }
+    checkpoint = release_checkpoint(adapter, lmbda if lmbda is not None else ZOO_MSE_LAMBDAS[quality],
+                                    {"source": source})
+    return checkpoint, source
+
+
+def _import_zoo(args: argparse.Namespace) -> int:
+    from ncpipe.evaluation.run import card_evaluation, dataset_label, evaluate_checkpoint
+    from ncpipe.evaluation.learned import load_image_set
+    from ncpipe.models.cards import write_card
+    from ncpipe.models.checkpoint import file_sha256, save_checkpoint
+    from ncpipe.models.registry import CHECKPOINT_NAME, ModelRef
+    from ncpipe.train.data import list_image_files
+
+    directory = _registry_folder(args.models_dir, args.name, args.overwrite)
+    path = Path(args.file) if args.file else find_zoo_file(args.arch, args.quality)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    checkpoint, source = import_zoo_weights(args.arch, args.quality, path, args.lmbda)
+    sha256 = save_checkpoint(checkpoint, directory / CHECKPOINT_NAME)
+    command = command_line(["train", "import-zoo", args.arch], [
+        ("--quality", args.quality), ("--file", args.file), ("--name", args.name), ("--models-dir", args.models_dir),
+        ("--lmbda", args.lmbda), ("--eval-images", args.eval_images), ("--dataset", args.dataset),
+        ("--overwrite", args.overwrite),
+    ])
+    release = "the file CompressAI publishes" if source["compressai_release"] else "not under CompressAI's published name"
+    card = {
+        "name": args.name,
+        "summary": f"CompressAI zoo {args.arch} quality {args.quality} (MSE), imported, not retrained.",
+        "arch": checkpoint["arch"], "hparams": checkpoint["hparams"], "rate": checkpoint["rate"], "sha256": sha256,
+        "file_sha256": file_sha256(directory / CHECKPOINT_NAME),
+        "series": f"compressai-zoo-{args.arch}",
+        "source": source,
+        "training": {"data": "Vimeo-90K crops (CompressAI's zoo training)", "hardware": "CompressAI (not trained here)"},
+        "notes": f"Weights from {path} (SHA-256 {source['file_sha256']}; {release}), imported with `{command}`. "
+                 f"Rate parameter λ = {checkpoint['rate']['lambda']:g}: {source['lambda']}.",
+        "evaluations": [],
+    }
+    if args.eval_images:
+        files = list_image_files([args.eval_images])
+        ref = ModelRef(args.name, directory / CHECKPOINT_NAME, sha256, card)
+        results = evaluate_checkpoint(ref, load_image_set(files), "cpu")
+        dataset = dataset_label(args.dataset or Path(args.eval_images).name, len(files))
+        card["evaluations"] = [card_evaluation(results, dataset, command, "cpu")]
+    write_card(directory, card)
+    print(f"imported {path} as {directory}: {card['arch']} {card['hparams']} λ={card['rate']['lambda']:g} "
+          f"sha256 {sha256}")
+    return 0
+
+
+# -- registration ----------------------------------------------------------------------------
 
 
 def register(subparsers) -> None:
-    """Add this package's subcommands (none yet)."""
+    """``ncpipe train`` and its subcommands (the diffusion package adds its refiners here too)."""
+    from ncpipe.diffusion.commands import register_train
+
+    p = subparsers.add_parser("train", help="train codecs, release them into the registry, import zoo weights",
+                              description="Training and model release commands.")
+    train_sub = p.add_subparsers(dest="train_command", required=True, metavar="TRAIN_COMMAND")
+    _add_train_codec(train_sub)
+    _add_release(train_sub)
+    _add_import_zoo(train_sub)
+    register_train(train_sub)

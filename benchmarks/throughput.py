@@ -1,0 +1,207 @@
+"""Encode throughput of ncpipe against baselines measured in the same run, on the same images.
+
+    python benchmarks/throughput.py --images ../shared/data/kodak --model mbt2018-mean-small-l0067
+
+(a) model ceiling: g_a, h_a and h_s (the entropy-parameter prediction) at batch B on the
+    device, nothing else; with ``+g_s`` also the synthesis ncpipe runs for its metrics.
+(b) the ncpipe compress job: PNG shards in, bitstream shards and manifests out, on an
+    embedded Ray; steady state (sum of per-shard worker seconds) and wall time including
+    Ray and actor start-up. Measured with and without per-image metrics.
+(c) CompressAI's own per-image ``model.compress()`` loop with the same model on the device.
+(d) classical encoders (imagecodecs) at a mid quality, one image per CPU core at a time.
+
+Prints a table with the ratios (b)/(a), (b)/(c), (b)/(d) and writes it as JSON.
+Runs small on a CPU machine and full on a GPU machine (``--device cuda``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tarfile
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ncpipe.codec import padded_shape, stack_padded
+from ncpipe.config import ClusterConfig, CompressConfig
+from ncpipe.evaluation.baselines import get_baselines
+from ncpipe.images import decode_image
+from ncpipe.models.registry import load_model
+from ncpipe.pipeline.jobs import run_compress
+from ncpipe.train.loop import resolve_device
+
+CLASSICAL_QUALITY = {"jpeg": 50, "webp": 50, "avif": 40, "jpegxl": 50}
+
+
+def load_images(directory: Path, count: int) -> tuple[list[Path], list[np.ndarray]]:
+    paths = sorted(directory.glob("*.png"))[:count]
+    return paths, [decode_image(p.read_bytes(), "png").pixels for p in paths]
+
+
+def by_shape(images: list[np.ndarray], batch: int) -> list[list[np.ndarray]]:
+    groups: dict[tuple[int, int], list[np.ndarray]] = {}
+    for image in images:
+        groups.setdefault(padded_shape(*image.shape[:2]), []).append(image)
+    return [group[i : i + batch] for group in groups.values() for i in range(0, len(group), batch)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def model_ceiling(model, images, batch: int, device: torch.device, with_synthesis: bool, repeat: int) -> float:
+    """Images/s of the transforms alone (inputs already on the device, as uint8)."""
+    adapter = model.adapter
+    batches = [stack_padded(group, pin=False).to(device) for group in by_shape(images, batch)]
+
+    def run() -> None:
+        for x in batches:
+            y, z = adapter.analysis(x.float().div(255.0))
+            z_hat = torch.round(z - model.z_medians.view(1, -1, 1, 1)) + model.z_medians.view(1, -1, 1, 1)
+            scales, means = adapter.split_entropy_parameters(adapter.model.h_s(z_hat))
+            if with_synthesis:
+                adapter.synthesis(torch.round(y - means) + means)
+        _sync(device)
+
+    run()  # warm-up
+    started = time.perf_counter()
+    for _ in range(repeat):
+        run()
+    return repeat * len(images) / (time.perf_counter() - started)
+
+
+@torch.inference_mode()
+def compressai_loop(model, images, device: torch.device, repeat: int) -> float:
+    """Images/s of CompressAI's per-image compress() (its own entropy coder and Python loop)."""
+    compression_model = model.adapter.model
+    tensors = [stack_padded([image], pin=False).to(device).float().div(255.0) for image in images]
+    compression_model.compress(tensors[0])
+    started = time.perf_counter()
+    for _ in range(repeat):
+        for x in tensors:
+            compression_model.compress(x)
+    _sync(device)
+    return repeat * len(images) / (time.perf_counter() - started)
+
+
+def classical(images, names, threads: int) -> dict[str, float]:
+    """Images/s of each classical encoder, ``threads`` images encoded at a time."""
+    rates = {}
+    with ThreadPoolExecutor(threads) as pool:
+        for name, codec in get_baselines(names).items():
+            quality = CLASSICAL_QUALITY[name]
+            list(pool.map(lambda im: codec.encode(im, quality), images[:threads]))  # warm-up
+            started = time.perf_counter()
+            list(pool.map(lambda im: codec.encode(im, quality), images))
+            rates[name] = len(images) / (time.perf_counter() - started)
+    return rates
+
+
+def write_shards(paths: list[Path], directory: Path, shards: int) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    per_shard = -(-len(paths) // shards)
+    urls = []
+    for s in range(shards):
+        url = directory / f"bench-{s:06d}.tar"
+        with tarfile.open(url, "w") as tar:
+            for path in paths[s * per_shard : (s + 1) * per_shard]:
+                tar.add(path, arcname=path.name)
+        urls.append(str(url))
+    return urls
+
+
+def ncpipe_job(shards: list[str], model: str, output: Path, batch: int, device: str, metrics: bool) -> dict:
+    """Runs the compress job; returns steady-state and wall images/s."""
+    started = time.perf_counter()
+    summary = run_compress(CompressConfig(
+        inputs=tuple(shards), output=str(output), model=model, batch_size=batch, device=device,
+        metrics=metrics, overwrite=True, cluster=ClusterConfig(),
+    ))
+    wall = time.perf_counter() - started
+    markers = [json.loads(p.read_text()) for p in (output / "g0000" / "_commits").glob("*.json")]
+    worker_seconds = sum(m["seconds"] for m in markers)
+    if not summary.complete or summary.errors:
+        raise RuntimeError(f"benchmark job did not complete cleanly:\n{summary.text()}")
+    return {
+        "steady_images_per_s": summary.samples / worker_seconds,
+        "wall_images_per_s": summary.samples / wall,
+        "megapixels_per_s": summary.samples / worker_seconds * _mean_megapixels(output),
+        "mean_bpp": summary.mean_bpp,
+    }
+
+
+def _mean_megapixels(output: Path) -> float:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(output / "g0000" / "manifest")
+    return float(pc.mean(pc.multiply(table["width"], table["height"])).as_py()) / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=Path, required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--count", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--baselines", nargs="*", default=["jpeg", "webp", "avif", "jpegxl"])
+    parser.add_argument("--out", type=Path, default=Path("out/bench/throughput.json"))
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    threads = os.cpu_count() or 1
+    paths, images = load_images(args.images, args.count)
+    model = load_model(args.model).to(device)
+    results = {
+        "machine": f"{platform.node()} {platform.machine()}, {threads} CPUs, "
+        f"{torch.cuda.get_device_name(0) if device.type == 'cuda' else 'no GPU used'}",
+        "device": str(device), "images": len(images), "batch": args.batch, "model": args.model,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "ceiling_images_per_s": model_ceiling(model, images, args.batch, device, False, args.repeat),
+        "ceiling_with_synthesis_images_per_s": model_ceiling(model, images, args.batch, device, True, args.repeat),
+        "compressai_loop_images_per_s": compressai_loop(model, images, device, args.repeat),
+        "classical_images_per_s": classical(images, args.baselines, threads),
+    }
+    del model
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = write_shards(paths, Path(tmp) / "in", args.shards)
+        results["ncpipe_no_metrics"] = ncpipe_job(shards, args.model, Path(tmp) / "a", args.batch, args.device, False)
+        results["ncpipe_with_metrics"] = ncpipe_job(shards, args.model, Path(tmp) / "b", args.batch, args.device, True)
+    print_table(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+
+
+def print_table(r: dict) -> None:
+    job = r["ncpipe_no_metrics"]["steady_images_per_s"]
+    job_metrics = r["ncpipe_with_metrics"]["steady_images_per_s"]
+    rows = [
+        ("(a) model ceiling: g_a+h_a+h_s", r["ceiling_images_per_s"], job / r["ceiling_images_per_s"]),
+        ("(a') ceiling incl. g_s", r["ceiling_with_synthesis_images_per_s"],
+         job_metrics / r["ceiling_with_synthesis_images_per_s"]),
+        ("(b) ncpipe job, no metrics", job, 1.0),
+        ("(b') ncpipe job, with metrics", job_metrics, 1.0),
+        ("(c) CompressAI compress() loop", r["compressai_loop_images_per_s"], job / r["compressai_loop_images_per_s"]),
+    ] + [(f"(d) {name}", rate, job / rate) for name, rate in r["classical_images_per_s"].items()]
+    print(f"{r['machine']} | device {r['device']} | {r['images']} images | batch {r['batch']} | {r['date']}")
+    print(f"{'measurement':36s} {'images/s':>10s} {'ncpipe / this':>14s}")
+    for name, rate, ratio in rows:
+        print(f"{name:36s} {rate:10.2f} {ratio:14.2f}")
+    print(f"ncpipe wall incl. Ray start-up: {r['ncpipe_no_metrics']['wall_images_per_s']:.2f} images/s; "
+          f"(a') row compares (b') with (a').")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,411 @@
+"""``ncpipe evaluate``: learned codecs and classical baselines on one image set, in one run.
+
+::
+
+    images/ ─► decode once ─┬─► each learned model: evaluate_learned (real .ncb bitstreams) ─┐
+                            └─► each baseline: sweep over its quality levels ───────────────┴─► rows
+    rows ─► results.parquet / results.csv          one row per image x codec x rate point
+         ─► summary.csv                            mean per codec x rate point
+         ─► bd_rate.json / bd_rate.md              each learned series vs each baseline
+         ─► rd_psnr.png / rd_msssim.png            one line per series
+         ─► (--update-cards) card.json + README.md of each evaluated registry model
+
+A *series* is one rate-distortion curve: a baseline's quality sweep, or the learned
+models that share a card's ``series`` (default: their architecture), one point per model.
+BD-rates use the baseline as the anchor: negative means the learned series needs fewer
+bits for the same quality. Every bpp counts whole files (the ``.ncb`` container, the
+JPEG/WebP/AVIF/JPEG XL file), every quality is measured on the decoded 8-bit RGB image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from ncpipe import __version__
+from ncpipe.config import ConfigError
+from ncpipe.evaluation.baselines import BASELINE_NAMES, ClassicalCodec, get_baselines, sweep
+from ncpipe.evaluation.bdrate import bd_psnr, bd_rate
+from ncpipe.evaluation.learned import ImageResult, evaluate_learned, load_image_set
+from ncpipe.evaluation.plots import plot_rd
+from ncpipe.io.storage import atomic_writer
+from ncpipe.manifest import arrow_schema
+from ncpipe.models.cards import machine_description, now_utc, read_card, write_card
+from ncpipe.models.registry import ModelRef, list_models, resolve_model
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_IMAGES = REPO_ROOT.parent / "shared" / "data" / "kodak"
+LEARNED, BASELINE = "learned", "baseline"
+BD_METRICS = ("psnr", "ms_ssim_db")  # quality axes of the BD table: PSNR (dB) and MS-SSIM in dB
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    images: str | None = None  # folder of images; None: ../shared/data/kodak from the repository root
+    models: tuple[str, ...] = ()  # registry names or checkpoint paths; empty: every registry model
+    baselines: tuple[str, ...] = BASELINE_NAMES  # empty: no baseline
+    output: str = "out/evaluate"
+    device: str = "auto"
+    update_cards: bool = False  # write the measured means into each evaluated registry model's card
+    max_images: int | None = None  # the first N images (sorted by name) only
+    dataset: str | None = None  # dataset name in cards and titles; None: the image folder's name
+
+    def __post_init__(self) -> None:
+        if self.max_images is not None and (isinstance(self.max_images, bool) or self.max_images <= 0):
+            raise ConfigError(f"max_images: must be a positive number, got {self.max_images!r}")
+        unknown = [name for name in self.baselines if name not in BASELINE_NAMES]
+        if unknown:
+            raise ConfigError(f"baselines: unknown {unknown}; known: {list(BASELINE_NAMES)}")
+        if not self.output:
+            raise ConfigError("output: an output folder is required")
+
+
+@dataclass(frozen=True)
+class EvaluationRow:
+    """One image coded at one rate point by one codec (the Parquet schema is derived from these fields)."""
+
+    kind: str  # "learned" or "baseline"
+    series: str  # the RD curve this point belongs to
+    codec: str  # registry model name / checkpoint path, or the baseline's name
+    rate_point: str  # "λ=0.0067" or "q50"
+    rate_parameter: float  # λ, or the baseline's quality level
+    model_sha256: str  # "" for baselines
+    image: str
+    width: int
+    height: int
+    num_bytes: int  # the whole file: .ncb container included
+    bpp: float
+    psnr: float  # dB on 8-bit RGB
+    ms_ssim: float
+    encode_seconds: float
+    decode_seconds: float
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """Means over the image set of one codec at one rate point."""
+
+    kind: str
+    series: str
+    codec: str
+    rate_point: str
+    rate_parameter: float
+    images: int
+    bpp: float
+    psnr: float
+    ms_ssim: float
+    ms_ssim_db: float  # -10·log10(1 - mean MS-SSIM)
+    encode_seconds: float
+    decode_seconds: float
+
+
+@dataclass(frozen=True)
+class BdEntry:
+    """BD-rate of one learned series against one baseline on one quality axis (None + error if undefined)."""
+
+    series: str
+    baseline: str
+    metric: str  # "psnr" or "ms_ssim_db"
+    bd_rate_percent: float | None
+    bd_quality: float | None  # mean quality gain at equal rate (dB)
+    error: str | None
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    output: Path
+    dataset: str
+    rows: tuple[EvaluationRow, ...]
+    summary: tuple[SummaryRow, ...]
+    bd: tuple[BdEntry, ...]
+    files: tuple[Path, ...]
+    updated_cards: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class _LearnedModel:
+    ref: ModelRef
+    series: str
+
+
+def dataset_label(name: str, image_count: int) -> str:
+    """How cards name a measurement's image set; an evaluation replaces a card entry with the same label."""
+    return f"{name} ({image_count} images)"
+
+
+def image_files(config: EvaluateConfig) -> tuple[Path, list[Path]]:
+    """The image folder and its image files (sorted, at most ``max_images``); errors name what is missing."""
+    from ncpipe.train.data import list_image_files
+
+    folder = Path(config.images) if config.images else DEFAULT_IMAGES
+    if not folder.is_dir():
+        hint = " (the default: Kodak beside the repository)" if not config.images else ""
+        raise FileNotFoundError(f"image folder {folder}{hint} does not exist; pass --images DIR")
+    files = list_image_files([str(folder)])
+    return folder, files[: config.max_images] if config.max_images else files
+
+
+def evaluate_checkpoint(ref: ModelRef, images: list[tuple[str, np.ndarray]], device: str) -> list[ImageResult]:
+    """Load one model (its SHA-256 checked against its card) and measure it on ``images``."""
+    from ncpipe.codec import LearnedCodec
+    from ncpipe.models.checkpoint import load_codec_model
+    from ncpipe.train.loop import resolve_device
+
+    model = load_codec_model(ref.checkpoint, ref.expected_sha256).to(resolve_device(device))
+    codec = LearnedCodec(model)
+    try:
+        return evaluate_learned(codec, ref.name, images)
+    finally:
+        codec.close()
+
+
+def card_evaluation(results: list[ImageResult], dataset: str, command: str, device: str) -> dict[str, Any]:
+    """The card entry for one model's measurement (means computed as the summary's)."""
+    from ncpipe.models.release import summarise_results
+
+    return {**summarise_results(results, dataset, command), "device": device}
+
+
+def run_evaluation(config: EvaluateConfig, command: str) -> EvaluationReport:
+    """Measure every model and baseline of ``config`` on its image set, write the outputs, then the cards."""
+    from ncpipe.train.loop import resolve_device
+
+    device = str(resolve_device(config.device))
+    folder, files = image_files(config)
+    baselines = get_baselines(config.baselines)  # fail on a missing baseline before any work
+    models = _learned_models(config.models)
+    dataset = dataset_label(config.dataset or folder.name, len(files))
+    images = load_image_set(files)
+    log.info("evaluating %d models and baselines %s on %s (%s)", len(models), list(baselines), dataset, device)
+    rows: list[EvaluationRow] = []
+    measured: list[tuple[_LearnedModel, list[ImageResult]]] = []
+    for model in models:
+        results = evaluate_checkpoint(model.ref, images, device)
+        measured.append((model, results))
+        rows.extend(_learned_rows(model, results))
+    for codec in baselines.values():
+        rows.extend(_baseline_rows(codec, images))
+    summary = summarise(rows)
+    bd = bd_table(summary)
+    metadata = {
+        "config": asdict(config), "command": command, "dataset": dataset, "device": device, "date": now_utc(),
+        "machine": machine_description(), "ncpipe_version": __version__,
+        "models": {r.codec: r.model_sha256 for r in rows if r.kind == LEARNED},
+    }
+    output = Path(config.output)
+    written = _write_outputs(output, rows, summary, bd, metadata)
+    updated = []
+    if config.update_cards:
+        for model, results in measured:
+            updated.extend(_update_card(model.ref, card_evaluation(results, dataset, command, device)))
+    return EvaluationReport(output, dataset, tuple(rows), tuple(summary), tuple(bd), written, tuple(updated))
+
+
+def _learned_models(names: Sequence[str]) -> list[_LearnedModel]:
+    refs = [resolve_model(name) for name in names] if names else list_models()
+    if not refs:
+        log.warning("the model registry is empty: evaluating baselines only")
+    models = []
+    for ref in refs:
+        card = ref.card or {}
+        series = card.get("series") or card.get("arch") or _arch_of(ref)
+        models.append(_LearnedModel(ref, series))
+    return models
+
+
+def _arch_of(ref: ModelRef) -> str:
+    from ncpipe.models.checkpoint import read_checkpoint
+
+    return read_checkpoint(ref.checkpoint)["arch"]
+
+
+def _learned_rows(model: _LearnedModel, results: list[ImageResult]) -> list[EvaluationRow]:
+    return [
+        EvaluationRow(
+            kind=LEARNED, series=model.series, codec=r.codec, rate_point=f"λ={r.rate}", rate_parameter=float(r.rate),
+            model_sha256=model.ref.expected_sha256 or _digest(model.ref), image=r.image, width=r.width,
+            height=r.height, num_bytes=r.num_bytes, bpp=r.bpp, psnr=r.psnr, ms_ssim=r.ms_ssim,
+            encode_seconds=r.encode_seconds, decode_seconds=r.decode_seconds,
+        )
+        for r in results
+    ]
+
+
+def _digest(ref: ModelRef) -> str:
+    from ncpipe.models.checkpoint import model_digest, read_checkpoint
+
+    return model_digest(read_checkpoint(ref.checkpoint))
+
+
+def _baseline_rows(codec: ClassicalCodec, images: list[tuple[str, np.ndarray]]) -> list[EvaluationRow]:
+    rows = []
+    for name, pixels in images:
+        height, width = pixels.shape[:2]
+        for r in sweep(codec, pixels):
+            rows.append(EvaluationRow(
+                kind=BASELINE, series=codec.name, codec=codec.name, rate_point=f"q{r.quality}",
+                rate_parameter=float(r.quality), model_sha256="", image=name, width=width, height=height,
+                num_bytes=r.num_bytes, bpp=r.bpp, psnr=r.psnr, ms_ssim=r.ms_ssim,
+                encode_seconds=r.encode_seconds, decode_seconds=r.decode_seconds,
+            ))
+    return rows
+
+
+def summarise(rows: Sequence[EvaluationRow]) -> list[SummaryRow]:
+    """Mean per (codec, rate point), in order of first appearance; means over images in image order."""
+    groups: dict[tuple[str, str], list[EvaluationRow]] = {}
+    for row in rows:
+        groups.setdefault((row.codec, row.rate_point), []).append(row)
+    summary = []
+    for members in groups.values():
+        first = members[0]
+        ms_ssim = statistics.fmean(r.ms_ssim for r in members)
+        summary.append(SummaryRow(
+            kind=first.kind, series=first.series, codec=first.codec, rate_point=first.rate_point,
+            rate_parameter=first.rate_parameter, images=len(members),
+            bpp=statistics.fmean(r.bpp for r in members), psnr=statistics.fmean(r.psnr for r in members),
+            ms_ssim=ms_ssim, ms_ssim_db=ms_ssim_db(ms_ssim),
+            encode_seconds=statistics.fmean(r.encode_seconds for r in members),
+            decode_seconds=statistics.fmean(r.decode_seconds for r in members),
+        ))
+    return summary
+
+
+def ms_ssim_db(value: float) -> float:
+    """MS-SSIM on a dB scale, -10·log10(1 - MS-SSIM): spreads the values near 1 (NaN stays NaN)."""
+    if math.isnan(value):
+        return math.nan
+    return math.inf if value >= 1.0 else -10.0 * math.log10(1.0 - value)
+
+
+def bd_table(summary: Sequence[SummaryRow]) -> list[BdEntry]:
+    """BD-rate and BD-quality of each learned series against each baseline, on PSNR and MS-SSIM (dB)."""
+    curves: dict[tuple[str, str], list[SummaryRow]] = {}
+    for row in summary:
+        curves.setdefault((row.kind, row.series), []).append(row)
+    learned = [series for kind, series in curves if kind == LEARNED]
+    baselines = [series for kind, series in curves if kind == BASELINE]
+    entries = []
+    for series in learned:
+        for baseline in baselines:
+            for metric in BD_METRICS:
+                entries.append(_bd_entry(series, curves[(LEARNED, series)], baseline, curves[(BASELINE, baseline)], metric))
+    return entries
+
+
+def _bd_entry(series: str, test: list[SummaryRow], baseline: str, anchor: list[SummaryRow], metric: str) -> BdEntry:
+    anchor_curve = ([r.bpp for r in anchor], [getattr(r, metric) for r in anchor])
+    test_curve = ([r.bpp for r in test], [getattr(r, metric) for r in test])
+    try:
+        rate = bd_rate(*anchor_curve, *test_curve)
+        quality = bd_psnr(*anchor_curve, *test_curve)
+    except ValueError as err:
+        side = f"{series} ({len(test)} rate point{'s' if len(test) != 1 else ''})"
+        message = str(err).replace("curve a", f"baseline {baseline}").replace("curve b", side)
+        return BdEntry(series, baseline, metric, None, None, message)
+    return BdEntry(series, baseline, metric, rate, quality, None)
+
+
+def _update_card(ref: ModelRef, entry: dict[str, Any]) -> list[Path]:
+    """Replace the card's entry for this dataset with ``entry`` and re-render its README."""
+    if ref.card is None:
+        log.warning("%s is a bare checkpoint (no card): nothing to update", ref.name)
+        return []
+    directory = ref.checkpoint.parent
+    card = read_card(directory)
+    if card["sha256"] != ref.expected_sha256:
+        raise ConfigError(f"{directory}: its card changed during the evaluation (sha256 {card['sha256']})")
+    kept = [e for e in card.get("evaluations", []) if e.get("dataset") != entry["dataset"]]
+    card["evaluations"] = [*kept, entry]
+    write_card(directory, card)
+    log.info("updated the card of %s: %s", ref.name, entry["dataset"])
+    return [directory / "card.json"]
+
+
+def _write_outputs(
+    output: Path, rows: list[EvaluationRow], summary: list[SummaryRow], bd: list[BdEntry], metadata: dict[str, Any]
+) -> tuple[Path, ...]:
+    output.mkdir(parents=True, exist_ok=True)
+    encoded = {k: json.dumps(v, default=str) for k, v in metadata.items()}
+    results = pa.Table.from_pylist([asdict(r) for r in rows], schema=arrow_schema(EvaluationRow))
+    results = results.replace_schema_metadata(encoded)
+    table = pa.Table.from_pylist([asdict(r) for r in summary], schema=arrow_schema(SummaryRow))
+    written = [
+        _write(output / "results.parquet", lambda h: pq.write_table(results, h, compression="zstd")),
+        _write(output / "results.csv", lambda h: pacsv.write_csv(results, h)),
+        _write(output / "summary.csv", lambda h: pacsv.write_csv(table, h)),
+        _write(output / "bd_rate.json", lambda h: h.write(_bd_json(bd, metadata).encode())),
+        _write(output / "bd_rate.md", lambda h: h.write(render_bd_markdown(bd, metadata).encode())),
+    ]
+    plot_rows = [asdict(r) for r in summary]
+    title = metadata["dataset"]
+    if plot_rows:
+        written.append(plot_rd(plot_rows, path=output / "rd_psnr.png", y="psnr", group="series",
+                               title=f"{title}: PSNR vs rate"))
+        try:
+            written.append(plot_rd(plot_rows, path=output / "rd_msssim.png", y="ms_ssim_db", group="series",
+                                   title=f"{title}: MS-SSIM vs rate"))
+        except ValueError as err:  # every MS-SSIM NaN: images with a side <= 40 px
+            log.warning("no MS-SSIM plot: %s", err)
+    return tuple(written)
+
+
+def _write(path: Path, write) -> Path:
+    with atomic_writer(str(path)) as handle:
+        write(handle)
+    return path
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _bd_json(bd: list[BdEntry], metadata: dict[str, Any]) -> str:
+    document = {
+        "dataset": metadata["dataset"],
+        "command": metadata["command"],
+        "date": metadata["date"],
+        "machine": metadata["machine"],
+        "convention": "anchor = baseline; bd_rate_percent < 0: the learned series needs fewer bits at equal "
+                      "quality; bd_quality > 0: it has higher quality (dB) at equal rate",
+        "entries": [
+            {**asdict(e), "bd_rate_percent": _finite(e.bd_rate_percent), "bd_quality": _finite(e.bd_quality)}
+            for e in bd
+        ],
+    }
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
+def render_bd_markdown(bd: Sequence[BdEntry], metadata: dict[str, Any]) -> str:
+    lines = [
+        f"# BD-rate on {metadata['dataset']}",
+        "",
+        "Anchor: the baseline. Negative BD-rate: the learned series needs fewer bits for the same quality; "
+        "BD-quality: its mean quality gain (dB) at the same rate. MS-SSIM is in dB, -10·log10(1 - MS-SSIM).",
+        "",
+        f"Command: `{metadata['command']}`, {metadata['date']}, on {metadata['machine']}.",
+        "",
+        "| learned series | baseline | quality axis | BD-rate | BD-quality | note |",
+        "| --- | --- | --- | ---: | ---: | --- |",
+    ]
+    for e in bd:
+        rate = f"{e.bd_rate_percent:+.2f}%" if e.bd_rate_percent is not None else "n/a"
+        quality = f"{e.bd_quality:+.3f} dB" if e.bd_quality is not None else "n/a"
+        axis = "PSNR" if e.metric == "psnr" else "MS-SSIM (dB)"
+        lines.append(f"| {e.series} | {e.baseline} | {axis} | {rate} | {quality} | {e.error or ''} |")
+    if not bd:
+        lines.append("| (no learned series and baseline to compare) | | | | | |")
+    return "\n".join(lines) + "\n"

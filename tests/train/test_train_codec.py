@@ -1,0 +1,207 @@
+"""`ncpipe train codec`: a tiny model learns on CPU, resumes where it stopped, reads shards and spec files."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ncpipe.cli import build_parser, main
+from ncpipe.config import ConfigError
+from ncpipe.images import decode_image
+from ncpipe.train import codec_trainer
+from ncpipe.train.codec_trainer import CodecTrainConfig, train_codec
+from ncpipe.train.commands import TRAIN_CODEC_FLAGS, read_job_spec, train_codec_config
+from ncpipe.train.data import load_training_images, training_sources
+from ncpipe.train.loop import load_state
+from tests.factories import BSDS, REPO_ROOT, TINY_HPARAMS
+from tests.helpers import tar_bytes
+
+TINY_FLAGS = ["--hparams", "N=16", "M=24", "--batch-size", "2", "--crop", "64", "--lr", "1e-3", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bsds_files() -> list[Path]:
+    files = sorted((BSDS / "val").glob("*.jpg"))[:4]
+    if len(files) < 4:
+        pytest.skip(f"BSDS500 images not found at {BSDS}")
+    return files
+
+
+@pytest.fixture
+def image_dir(tmp_path, bsds_files) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in bsds_files[:2]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def _write_spec(path: Path, kind: str, spec: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({"kind": kind, "spec": spec}))
+    return path
+
+
+def test_every_config_field_has_a_flag(capsys):
+    fields = [f.name for f in dataclasses.fields(CodecTrainConfig)]
+    assert list(TRAIN_CODEC_FLAGS) == fields
+    with pytest.raises(SystemExit):
+        main(["train", "codec", "--help"])
+    help_text = capsys.readouterr().out
+    missing = [name for name in fields if f"--{name.replace('_', '-')}" not in help_text]
+    assert not missing, f"no flag for {missing}"
+
+
+class _RecordingProgress(codec_trainer.ProgressLog):
+    losses: list[float] = []
+
+    def add(self, step: int, **values: float) -> None:
+        type(self).losses.append(values["loss"])
+        super().add(step, **values)
+
+
+def test_tiny_model_loss_decreases_on_cpu(image_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(codec_trainer, "ProgressLog", _RecordingProgress)
+    _RecordingProgress.losses = []
+    config = CodecTrainConfig(
+        data=(str(image_dir),), run_dir=str(tmp_path / "run"), hparams=dict(TINY_HPARAMS), lmbda=0.01, steps=24,
+        batch_size=2, crop=64, lr=1e-3, checkpoint_every=24, log_every=100, device="cpu", seed=0,
+    )
+    train_codec(config)
+    losses = _RecordingProgress.losses
+    assert len(losses) == 24 and all(np.isfinite(losses))
+    first, last = statistics.fmean(losses[:4]), statistics.fmean(losses[-4:])
+    assert last < 0.8 * first, f"loss did not fall: first steps {losses[:4]}, last steps {losses[-4:]}"
+    assert load_state(Path(config.run_dir))["step"] == 24
+
+
+def test_resume_continues_from_the_saved_step(image_dir, tmp_path, monkeypatch):
+    spec = _write_spec(tmp_path / "spec.yaml", "train-codec", {
+        "data": [str(image_dir)], "run_dir": str(tmp_path / "run"), "lmbda": 0.01, "checkpoint_every": 2,
+    })
+    assert main(["train", "codec", "--spec", str(spec), *TINY_FLAGS, "--steps", "4"]) == 0
+    assert load_state(tmp_path / "run")["step"] == 4
+
+    batches = []
+
+    class CountingCrops(codec_trainer.RandomCrops):
+        def batch(self, size):
+            batches.append(size)
+            return super().batch(size)
+
+    monkeypatch.setattr(codec_trainer, "RandomCrops", CountingCrops)
+    assert main(["train", "codec", "--spec", str(spec), *TINY_FLAGS, "--steps", "6"]) == 0
+    state = load_state(tmp_path / "run")
+    assert state["step"] == 6
+    assert len(batches) == 2  # only steps 4 and 5 ran
+    adam_steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert adam_steps == {6}  # the optimizer state was restored, not restarted
+
+
+def test_resume_refuses_a_run_dir_of_another_model(image_dir, tmp_path, caplog):
+    args = ["train", "codec", "--data", str(image_dir), "--run-dir", str(tmp_path / "run"), *TINY_FLAGS]
+    assert main([*args, "--steps", "1", "--lmbda", "0.01"]) == 0
+    assert main([*args, "--steps", "2", "--lmbda", "0.05"]) == 2
+    assert "holds a run of" in caplog.text and "0.05" in caplog.text
+    assert load_state(tmp_path / "run")["step"] == 1
+
+
+def test_flags_override_the_spec_file(tmp_path):
+    spec = _write_spec(tmp_path / "spec.yaml", "train-codec", {
+        "data": "images", "run_dir": "runs/x", "hparams": {"N": 16, "M": 24}, "steps": 100, "amp": True,
+    })
+    args = build_parser().parse_args(
+        ["train", "codec", "--spec", str(spec), "--steps", "7", "--hparams", "N=8", "--no-amp", "--lambda", "0.02"])
+    config = train_codec_config(args)
+    assert config.steps == 7 and config.hparams == {"N": 8, "M": 24} and config.amp is False
+    assert config.lmbda == 0.02 and config.data == ("images",) and config.run_dir == "runs/x"
+    assert config.batch_size == CodecTrainConfig.batch_size  # neither given: the dataclass default
+
+
+def test_spec_errors_name_the_problem(tmp_path):
+    wrong_kind = _write_spec(tmp_path / "eval.yaml", "evaluate", {"images": "x"})
+    with pytest.raises(ConfigError, match="kind is 'evaluate', but this command runs kind 'train-codec'"):
+        read_job_spec(wrong_kind, "train-codec")
+    typo = _write_spec(tmp_path / "typo.yaml", "train-codec", {"data": "x", "run_dir": "r", "stpes": 3})
+    args = build_parser().parse_args(["train", "codec", "--spec", str(typo)])
+    with pytest.raises(ConfigError, match=r"stpes: unknown field \(did you mean 'steps'\?\)"):
+        train_codec_config(args)
+    missing = _write_spec(tmp_path / "missing.yaml", "train-codec", {"data": "x"})
+    with pytest.raises(ConfigError, match="missing required field.*run_dir"):
+        train_codec_config(build_parser().parse_args(["train", "codec", "--spec", str(missing)]))
+    with pytest.raises(ConfigError, match="steps: must be positive"):
+        train_codec_config(build_parser().parse_args(["train", "codec", "--spec", str(missing), "--run-dir", "r",
+                                                      "--steps", "0"]))
+
+
+def test_the_shipped_job_spec_is_a_valid_config():
+    args = build_parser().parse_args(["train", "codec", "--spec", str(REPO_ROOT / "jobs" / "train-codec.yaml")])
+    config = train_codec_config(args)
+    assert config.arch == "mbt2018-mean" and config.lmbda == pytest.approx(0.0067)
+    assert all("bsds500" in entry for entry in config.data)
+
+
+# -- WebDataset shards as training data ---------------------------------------------------
+
+
+@pytest.fixture
+def shard_dir(tmp_path, bsds_files) -> Path:
+    """Two shards: 3 good images, a caption member, and one image member that cannot be decoded."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    members = [[(f"{p.stem}.jpg", p.read_bytes()), (f"{p.stem}.txt", b"a caption")] for p in bsds_files[:3]]
+    (folder / "train-0.tar").write_bytes(tar_bytes([*members[0], *members[1]]))
+    (folder / "train-1.tar").write_bytes(tar_bytes([*members[2], ("broken.png", b"not a png")]))
+    return folder
+
+
+def test_shard_patterns_load_like_folders(shard_dir, bsds_files):
+    expected = [decode_image(p.read_bytes(), "jpg").pixels for p in bsds_files[:3]]
+    for entry in (f"{shard_dir}/train-{{0..1}}.tar", str(shard_dir), f"file://{shard_dir}/train-*.tar"):
+        images = load_training_images([entry], min_side=64)
+        assert len(images) == 3, entry
+        for got, want in zip(images, expected):
+            np.testing.assert_array_equal(got, want)
+    assert [s.kind for s in training_sources([f"{shard_dir}/train-0.tar"])] == ["shard"]
+
+
+def test_shards_and_folders_mix_and_missing_ones_are_named(shard_dir, image_dir):
+    images = load_training_images([str(image_dir), f"{shard_dir}/train-1.tar"], min_side=64)
+    assert len(images) == 2 + 1
+    with pytest.raises(ValueError, match=r"train-2.tar does not exist \(6 missing\)"):
+        load_training_images([f"{shard_dir}/train-{{0..7}}.tar"], min_side=64)
+    with pytest.raises(FileNotFoundError, match="no-such-folder"):
+        load_training_images([str(image_dir.parent / "no-such-folder")], min_side=64)
+
+
+def test_training_on_shards_through_the_cli(shard_dir, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "codec", "--data", f"{shard_dir}/train-{{0..1}}.tar", "--run-dir", str(run),
+                 *TINY_FLAGS, "--steps", "2"]) == 0
+    assert load_state(run)["step"] == 2
+
+
+def test_images_smaller_than_the_crop_are_skipped(tmp_path, caplog):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(folder / "small.png")
+    with caplog.at_level(logging.INFO), pytest.raises(ValueError, match=">= 64 px"):
+        load_training_images([str(folder)], min_side=64)
+    assert "1 smaller than 64 px skipped" in caplog.text
