@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from ncpipe.images import DEFAULT_MAX_PIXELS  # noqa: F401  (re-exported for decoders)
 
 MAGIC = b"NCPB"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = frozenset({1})
+FORMAT_VERSION = 2  # the newest; a bitstream without extensions is written as version 1
+SUPPORTED_VERSIONS = frozenset({1, 2})
 
 # Architecture codes are part of the format: never renumber, only append.
 ARCHITECTURE_CODES = {1: "mbt2018-mean", 2: "bmshj2018-hyperprior"}
@@ -36,6 +36,17 @@ _CRC = struct.Struct("<I")
 _CHUNK_LENGTH = struct.Struct("<I")
 HEADER_SIZE = _HEADER.size + _CRC.size
 CHUNK_OVERHEAD = _CHUNK_LENGTH.size + _CRC.size
+
+# Version 2: extensions after the y chunks (decoder side information).
+EXTENSION_CORRDIFF = 1  # CorrDiff correction coefficients (see CorrectionCoefficients)
+EXTENSION_KINDS = {EXTENSION_CORRDIFF: "corrdiff"}
+MAX_EXTENSIONS = 8
+MAX_EXTENSION_BYTES = 4096
+_EXTENSION_HEADER = struct.Struct("<BI")  # kind, payload length
+# CorrDiff payload: decoder SHA-256, noise seed, steps, bits per coefficient, then packed indices.
+_CORRDIFF_HEADER = struct.Struct("<32sIBB")
+CORRECTION_RANGE = (0.0, 1.0)  # λ_t is quantized uniformly over this range
+MAX_CORRECTION_STEPS = 64
 
 
 class BitstreamError(ValueError):
@@ -57,7 +68,7 @@ class BitstreamHeader:
     y_shape: tuple[int, int, int]  # (channels, height, width) of the latent
     z_shape: tuple[int, int, int]  # (channels, height, width) of the hyper-latent
     y_chunk_channels: int  # latent channels per y chunk (the last chunk may hold fewer)
-    version: int = FORMAT_VERSION
+    version: int = 1  # as read; pack() writes 1, or 2 when there are extensions
 
     @property
     def num_y_chunks(self) -> int:
@@ -70,10 +81,74 @@ class BitstreamHeader:
 
 
 @dataclass(frozen=True)
+class Extension:
+    """Decoder side information carried by a version-2 bitstream."""
+
+    kind: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
 class Bitstream:
     header: BitstreamHeader
     z_stream: bytes
     y_streams: tuple[bytes, ...]
+    extensions: tuple[Extension, ...] = ()
+
+    def extension(self, kind: int) -> Extension | None:
+        return next((e for e in self.extensions if e.kind == kind), None)
+
+
+@dataclass(frozen=True)
+class CorrectionCoefficients:
+    """CorrDiff's per-step correction strengths λ_t, quantized to ``bits`` each.
+
+    ``indexes[t]`` encodes λ_t = lo + indexes[t] · (hi − lo) / (2^bits − 1) over
+    :data:`CORRECTION_RANGE`; ``seed`` seeds the sampler's starting noise, and
+    ``decoder_sha256`` names the diffusion decoder the coefficients were computed for."""
+
+    decoder_sha256: str
+    seed: int
+    bits: int
+    indexes: tuple[int, ...]
+
+    @property
+    def values(self) -> tuple[float, ...]:
+        lo, hi = CORRECTION_RANGE
+        levels = (1 << self.bits) - 1
+        return tuple(lo + (hi - lo) * i / levels for i in self.indexes)
+
+    @classmethod
+    def quantize(cls, decoder_sha256: str, seed: int, bits: int, values) -> "CorrectionCoefficients":
+        lo, hi = CORRECTION_RANGE
+        levels = (1 << bits) - 1
+        indexes = tuple(int(round((min(max(v, lo), hi) - lo) / (hi - lo) * levels)) for v in values)
+        return cls(decoder_sha256, seed, bits, indexes)
+
+    def to_extension(self) -> Extension:
+        if not (1 <= self.bits <= 8 and 1 <= len(self.indexes) <= MAX_CORRECTION_STEPS):
+            raise BitstreamError(f"{len(self.indexes)} coefficients of {self.bits} bits cannot be written")
+        packed = 0
+        for i, index in enumerate(self.indexes):
+            packed |= index << (i * self.bits)
+        body = packed.to_bytes((len(self.indexes) * self.bits + 7) // 8, "little")
+        head = _CORRDIFF_HEADER.pack(bytes.fromhex(self.decoder_sha256), self.seed, len(self.indexes), self.bits)
+        return Extension(EXTENSION_CORRDIFF, head + body)
+
+    @classmethod
+    def from_extension(cls, extension: Extension) -> "CorrectionCoefficients":
+        payload = extension.payload
+        if len(payload) < _CORRDIFF_HEADER.size:
+            raise BitstreamError("CorrDiff extension shorter than its header")
+        sha, seed, steps, bits = _CORRDIFF_HEADER.unpack(payload[: _CORRDIFF_HEADER.size])
+        if not (1 <= bits <= 8 and 1 <= steps <= MAX_CORRECTION_STEPS):
+            raise BitstreamError(f"CorrDiff extension declares {steps} steps of {bits} bits")
+        body = payload[_CORRDIFF_HEADER.size :]
+        if len(body) != (steps * bits + 7) // 8:
+            raise BitstreamError(f"CorrDiff extension holds {len(body)} coefficient bytes for {steps}x{bits} bits")
+        packed = int.from_bytes(body, "little")
+        mask = (1 << bits) - 1
+        return cls(sha.hex(), seed, bits, tuple((packed >> (i * bits)) & mask for i in range(steps)))
 
 
 def expected_header(
@@ -112,9 +187,10 @@ def pack(bitstream: Bitstream) -> bytes:
     _validate_header(header, max_pixels=None)
     if len(bitstream.y_streams) != header.num_y_chunks:
         raise BitstreamError(f"{len(bitstream.y_streams)} y chunks given, header implies {header.num_y_chunks}")
+    version = 2 if bitstream.extensions else 1
     fixed = _HEADER.pack(
         MAGIC,
-        header.version,
+        version,
         ARCHITECTURE_IDS[header.architecture],
         bytes.fromhex(header.model_sha256),
         header.rate,
@@ -130,6 +206,15 @@ def pack(bitstream: Bitstream) -> bytes:
     parts = [fixed, _CRC.pack(zlib.crc32(fixed))]
     for stream in (bitstream.z_stream, *bitstream.y_streams):
         parts += [_CHUNK_LENGTH.pack(len(stream)), stream, _CRC.pack(zlib.crc32(stream))]
+    if bitstream.extensions:
+        if len(bitstream.extensions) > MAX_EXTENSIONS:
+            raise BitstreamError(f"at most {MAX_EXTENSIONS} extensions")
+        parts.append(bytes([len(bitstream.extensions)]))
+        for extension in bitstream.extensions:
+            if extension.kind not in EXTENSION_KINDS or len(extension.payload) > MAX_EXTENSION_BYTES:
+                raise BitstreamError(f"extension kind {extension.kind} ({len(extension.payload)} bytes) cannot be written")
+            head = _EXTENSION_HEADER.pack(extension.kind, len(extension.payload))
+            parts += [head, extension.payload, _CRC.pack(zlib.crc32(head + extension.payload))]
     return b"".join(parts)
 
 
@@ -179,9 +264,38 @@ def parse(data: bytes | memoryview, max_pixels: int | None = DEFAULT_MAX_PIXELS)
     for index in range(1 + header.num_y_chunks):
         stream, offset = _read_chunk(data, offset, _chunk_name(header, index))
         streams.append(stream)
+    extensions, offset = _read_extensions(data, offset) if header.version >= 2 else ((), offset)
     if offset != len(data):
         raise BitstreamError(f"{len(data) - offset} unexpected bytes after the last chunk")
-    return Bitstream(header, streams[0], tuple(streams[1:]))
+    return Bitstream(header, streams[0], tuple(streams[1:]), extensions)
+
+
+def _read_extensions(data: memoryview, offset: int) -> tuple[tuple[Extension, ...], int]:
+    if offset >= len(data):
+        raise BitstreamError("truncated: the version-2 extension count is missing")
+    count = data[offset]
+    offset += 1
+    if not 1 <= count <= MAX_EXTENSIONS:
+        raise BitstreamError(f"extension count {count} is outside 1..{MAX_EXTENSIONS}")
+    extensions = []
+    for index in range(count):
+        end = offset + _EXTENSION_HEADER.size
+        if end > len(data):
+            raise BitstreamError(f"truncated: extension {index} is missing")
+        kind, length = _EXTENSION_HEADER.unpack(data[offset:end])
+        if kind not in EXTENSION_KINDS:
+            raise BitstreamError(f"extension kind {kind} is not supported by this reader")
+        if length > MAX_EXTENSION_BYTES or end + length + _CRC.size > len(data):
+            raise BitstreamError(f"truncated or oversized: extension {index} declares {length} bytes")
+        payload = bytes(data[end : end + length])
+        (crc,) = _CRC.unpack(data[end + length : end + length + _CRC.size])
+        if zlib.crc32(bytes(data[offset:end]) + payload) != crc:
+            raise BitstreamError(f"CRC32 mismatch in extension {index} ({EXTENSION_KINDS[kind]})")
+        extensions.append(Extension(kind, payload))
+        offset = end + length + _CRC.size
+    if len({e.kind for e in extensions}) != len(extensions):
+        raise BitstreamError("an extension kind appears twice")
+    return tuple(extensions), offset
 
 
 def _chunk_name(header: BitstreamHeader, index: int) -> str:

@@ -115,3 +115,42 @@ def test_fuzzed_bitstreams_are_refused_or_parsed_never_crash(data):
     except fmt.BitstreamError:
         return
     assert parsed.header.width * parsed.header.height <= fmt.DEFAULT_MAX_PIXELS
+
+
+def _corrections(steps=4, bits=6) -> fmt.CorrectionCoefficients:
+    return fmt.CorrectionCoefficients.quantize("cd" * 32, 123456789, bits, [0.0, 0.31, 0.77, 1.0][:steps])
+
+
+def test_version_2_carries_correction_coefficients_and_version_1_still_parses():
+    v1 = _packed()
+    assert v1[4] == 1 and fmt.parse(v1).extensions == ()
+    header = _header()
+    coefficients = _corrections()
+    v2 = fmt.pack(fmt.Bitstream(header, b"zz-stream", tuple(b"y" for _ in range(3)), (coefficients.to_extension(),)))
+    assert v2[4] == 2 and len(v2) == len(fmt.pack(fmt.Bitstream(header, b"zz-stream", (b"y",) * 3))) + 1 + 5 + 4 + 38 + 3
+    parsed = fmt.parse(v2)
+    assert parsed.header.version == 2
+    restored = fmt.CorrectionCoefficients.from_extension(parsed.extension(fmt.EXTENSION_CORRDIFF))
+    assert restored == coefficients
+    assert restored.values[0] == 0.0 and restored.values[-1] == 1.0
+    assert abs(restored.values[1] - 0.31) <= 0.5 / 63
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_correction_quantization_round_trips(bits):
+    c = fmt.CorrectionCoefficients.quantize("00" * 32, 7, bits, [i / 9 for i in range(10)])
+    assert fmt.CorrectionCoefficients.from_extension(c.to_extension()) == c
+
+
+def test_damaged_or_unknown_extensions_are_refused():
+    ext = _corrections().to_extension()
+    data = bytearray(fmt.pack(fmt.Bitstream(_header(), b"z", (b"y",) * 3, (ext,))))
+    for cut in range(len(data) - 50, len(data)):
+        with pytest.raises(fmt.BitstreamError):
+            fmt.parse(bytes(data[:cut]))
+    damaged = bytearray(data)
+    damaged[-10] ^= 1
+    with pytest.raises(fmt.BitstreamError, match="extension 0"):
+        fmt.parse(bytes(damaged))
+    with pytest.raises(fmt.BitstreamError, match="cannot be written"):
+        fmt.pack(fmt.Bitstream(_header(), b"z", (b"y",) * 3, (fmt.Extension(99, b""),)))

@@ -202,8 +202,8 @@ def test_a_missing_model_is_a_problem_not_a_pass(archive, capsys):
     assert main(["verify", str(archive)]) == 1
 
 
-def test_json_report_and_not_an_archive(archive, tiny_model_path, tmp_path, capsys):
+def test_json_report_and_not_an_archive(archive, tiny_model_path, tmp_path, capsys, caplog):
     assert main(["verify", str(archive), "--model", str(tiny_model_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
     assert main(["verify", str(tmp_path)]) == 2
-    assert "not an ncpipe archive" in capsys.readouterr().err
+    assert "not an ncpipe archive" in caplog.text
