@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ncpipe.codec import padded_shape, stack_padded
+from benchmarks.common import by_shape, load_images, machine, now, sync, write_shards
+from ncpipe.codec import stack_padded
 from ncpipe.config import ClusterConfig, CompressConfig
 from ncpipe.evaluation.baselines import get_baselines
-from ncpipe.images import decode_image
 from ncpipe.models.registry import load_model
 from ncpipe.pipeline.jobs import run_compress
 from ncpipe.train.loop import resolve_device
@@ -40,21 +38,10 @@ from ncpipe.train.loop import resolve_device
 CLASSICAL_QUALITY = {"jpeg": 50, "webp": 50, "avif": 40, "jpegxl": 50}
 
 
-def load_images(directory: Path, count: int) -> tuple[list[Path], list[np.ndarray]]:
-    paths = sorted(directory.glob("*.png"))[:count]
-    return paths, [decode_image(p.read_bytes(), "png").pixels for p in paths]
 
 
-def by_shape(images: list[np.ndarray], batch: int) -> list[list[np.ndarray]]:
-    groups: dict[tuple[int, int], list[np.ndarray]] = {}
-    for image in images:
-        groups.setdefault(padded_shape(*image.shape[:2]), []).append(image)
-    return [group[i : i + batch] for group in groups.values() for i in range(0, len(group), batch)]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -70,7 +57,7 @@ def model_ceiling(model, images, batch: int, device: torch.device, with_synthesi
             scales, means = adapter.split_entropy_parameters(adapter.model.h_s(z_hat))
             if with_synthesis:
                 adapter.synthesis(torch.round(y - means) + means)
-        _sync(device)
+        sync(device)
 
     run()  # warm-up
     started = time.perf_counter()
@@ -89,7 +76,7 @@ def compressai_loop(model, images, device: torch.device, repeat: int) -> float:
     for _ in range(repeat):
         for x in tensors:
             compression_model.compress(x)
-    _sync(device)
+    sync(device)
     return repeat * len(images) / (time.perf_counter() - started)
 
 
@@ -106,17 +93,6 @@ def classical(images, names, threads: int) -> dict[str, float]:
     return rates
 
 
-def write_shards(paths: list[Path], directory: Path, shards: int) -> list[str]:
-    directory.mkdir(parents=True, exist_ok=True)
-    per_shard = -(-len(paths) // shards)
-    urls = []
-    for s in range(shards):
-        url = directory / f"bench-{s:06d}.tar"
-        with tarfile.open(url, "w") as tar:
-            for path in paths[s * per_shard : (s + 1) * per_shard]:
-                tar.add(path, arcname=path.name)
-        urls.append(str(url))
-    return urls
 
 
 def ncpipe_job(shards: list[str], model: str, output: Path, batch: int, device: str, metrics: bool) -> dict:
@@ -165,10 +141,9 @@ def main() -> None:
     paths, images = load_images(args.images, args.count)
     model = load_model(args.model).to(device)
     results = {
-        "machine": f"{platform.node()} {platform.machine()}, {threads} CPUs, "
-        f"{torch.cuda.get_device_name(0) if device.type == 'cuda' else 'no GPU used'}",
+        "machine": machine(device),
         "device": str(device), "images": len(images), "batch": args.batch, "model": args.model,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": now(),
         "ceiling_images_per_s": model_ceiling(model, images, args.batch, device, False, args.repeat),
         "ceiling_with_synthesis_images_per_s": model_ceiling(model, images, args.batch, device, True, args.repeat),
         "compressai_loop_images_per_s": compressai_loop(model, images, device, args.repeat),

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 
-from ncpipe.train.commands import command_line, merge_overrides, read_job_spec
+from ncpipe.train.commands import merge_overrides, read_job_spec
 
 log = logging.getLogger(__name__)
 
@@ -60,41 +59,15 @@ def evaluate_config(args: argparse.Namespace):
     return config_from_mapping(EvaluateConfig, merge_overrides(spec, overrides), f"{args.spec} spec" if args.spec else "")
 
 
-def _given_options(args: argparse.Namespace) -> list[tuple[str, object]]:
-    """The options given on the command line, to record it in cards and outputs."""
-    options: list[tuple[str, object]] = [("--spec", args.spec)]
-    for name in _FIELDS:
-        if not hasattr(args, name):
-            continue
-        value = getattr(args, name)
-        if name == "baselines" and not value:
-            options.append(("--no-baselines", True))
-        elif name == "update_cards" and not value:
-            options.append(("--no-update-cards", True))
-        else:
-            options.append((f"--{name.replace('_', '-')}", value))
-    return options
-
-
 def _evaluate(args: argparse.Namespace) -> int:
     from ncpipe.evaluation.baselines import BaselineUnavailableError
-    from ncpipe.evaluation.run import run_evaluation
+    from ncpipe.evaluation.run import evaluate_job
 
     config = evaluate_config(args)
-    command = command_line(["evaluate"], _given_options(args))
     try:
-        report = run_evaluation(config, command)
+        report = evaluate_job(config)
     except BaselineUnavailableError as err:  # a RuntimeError, which ncpipe.cli.main does not report
         log.error("%s (leave it out with --baselines, or --no-baselines)", err)
         return 2
-    print(f"{report.dataset}: {len(report.rows)} measurements -> {report.output}")
-    print(f"{'codec':32s} {'rate point':>12s} {'bpp':>8s} {'PSNR':>7s} {'MS-SSIM':>8s}")
-    for row in report.summary:
-        print(f"{row.codec[-32:]:32s} {row.rate_point:>12s} {row.bpp:8.4f} {row.psnr:7.2f} {row.ms_ssim:8.4f}")
-    for entry in report.bd:
-        value = f"{entry.bd_rate_percent:+.2f}%" if entry.bd_rate_percent is not None and math.isfinite(
-            entry.bd_rate_percent) else f"n/a ({entry.error})"
-        print(f"BD-rate {entry.series} vs {entry.baseline} ({entry.metric}): {value}")
-    for path in report.files + report.updated_cards:
-        print(f"wrote {path}")
+    print(report.text())
     return 0

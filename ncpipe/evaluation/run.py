@@ -19,6 +19,7 @@ JPEG/WebP/AVIF/JPEG XL file), every quality is measured on the decoded 8-bit RGB
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -133,6 +134,19 @@ class EvaluationReport:
     bd: tuple[BdEntry, ...]
     files: tuple[Path, ...]
     updated_cards: tuple[Path, ...]
+    complete: bool = True  # every measurement ran (a failure raises instead)
+
+    def text(self) -> str:
+        """Means per codec and rate point, the BD-rates and the files written, for a terminal."""
+        lines = [f"{self.dataset}: {len(self.rows)} measurements -> {self.output}",
+                 f"{'codec':32s} {'rate point':>12s} {'bpp':>8s} {'PSNR':>7s} {'MS-SSIM':>8s}"]
+        lines += [f"{r.codec[-32:]:32s} {r.rate_point:>12s} {r.bpp:8.4f} {r.psnr:7.2f} {r.ms_ssim:8.4f}"
+                  for r in self.summary]
+        for e in self.bd:
+            value = f"{e.bd_rate_percent:+.2f}%" if e.error is None else f"n/a ({e.error})"
+            lines.append(f"BD-rate {e.series} vs {e.baseline} ({e.metric}): {value}")
+        lines += [f"wrote {path}" for path in (*self.files, *self.updated_cards)]
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -177,6 +191,29 @@ def card_evaluation(results: list[ImageResult], dataset: str, command: str, devi
     from ncpipe.models.release import summarise_results
 
     return {**summarise_results(results, dataset, command), "device": device}
+
+
+def equivalent_command(config: EvaluateConfig) -> str:
+    """The ``ncpipe evaluate`` command line that runs ``config`` (fields left at their defaults omitted)."""
+    from ncpipe.train.commands import command_line
+
+    default, options = EvaluateConfig(), []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value == getattr(default, f.name):
+            continue
+        if f.name == "baselines" and not value:
+            options.append(("--no-baselines", True))
+        elif f.name == "update_cards":
+            options.append(("--update-cards" if value else "--no-update-cards", True))
+        else:
+            options.append((f"--{f.name.replace('_', '-')}", value))
+    return command_line(["evaluate"], options)
+
+
+def evaluate_job(config: EvaluateConfig) -> EvaluationReport:
+    """``run(config)`` for job specs of kind ``evaluate``: records the equivalent command line."""
+    return run_evaluation(config, equivalent_command(config))
 
 
 def run_evaluation(config: EvaluateConfig, command: str) -> EvaluationReport:

@@ -50,6 +50,9 @@ def read_job_spec(path: str | Path, kind: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(document, Mapping) or "kind" not in document:
         raise ConfigError(f"{path}: expected a mapping with 'kind: {kind}' and 'spec:'")
+    unknown = [key for key in document if key not in ("kind", "spec")]
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; a {kind} spec has kind and spec")
     if document["kind"] != kind:
         raise ConfigError(f"{path}: kind is {document['kind']!r}, but this command runs kind {kind!r} specs")
     spec = document.get("spec")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -190,5 +191,11 @@ def test_spec_file_and_flag_overrides(tmp_path):
         evaluate_config_from(["--spec", str(train_spec)])
 
 
-def test_cli_baseline_names_match_the_baselines_module():
+def test_cli_covers_the_config_and_records_a_command_that_reproduces_it():
     assert commands._BASELINE_NAMES == baselines.BASELINE_NAMES
+    assert commands._FIELDS == tuple(f.name for f in dataclasses.fields(run.EvaluateConfig))
+    config = run.EvaluateConfig(images="some dir", models=("a", "b/c.pt"), baselines=(), output="o", device="cpu",
+                                update_cards=True, max_images=3, dataset="Kodak")
+    words = shlex.split(run.equivalent_command(config))
+    assert words[:2] == ["ncpipe", "evaluate"] and evaluate_config_from(words[2:]) == config
+    assert run.equivalent_command(run.EvaluateConfig()) == "ncpipe evaluate"

@@ -1,0 +1,54 @@
+"""Helpers shared by the benchmarks: images, shards, timing."""
+
+from __future__ import annotations
+
+import os
+import platform
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ncpipe.codec import padded_shape
+from ncpipe.images import decode_image
+
+
+def load_images(directory: Path, count: int) -> tuple[list[Path], list[np.ndarray]]:
+    paths = sorted(directory.glob("*.png"))[:count]
+    return paths, [decode_image(p.read_bytes(), "png").pixels for p in paths]
+
+
+def by_shape(images: list[np.ndarray], batch: int) -> list[list[np.ndarray]]:
+    groups: dict[tuple[int, int], list[np.ndarray]] = {}
+    for image in images:
+        groups.setdefault(padded_shape(*image.shape[:2]), []).append(image)
+    return [group[i : i + batch] for group in groups.values() for i in range(0, len(group), batch)]
+
+
+def write_shards(paths: list[Path], directory: Path, shards: int) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    per_shard = -(-len(paths) // shards)
+    urls = []
+    for s in range(shards):
+        url = directory / f"bench-{s:06d}.tar"
+        with tarfile.open(url, "w") as tar:
+            for path in paths[s * per_shard : (s + 1) * per_shard]:
+                tar.add(path, arcname=path.name)
+        urls.append(str(url))
+    return urls
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine(device: torch.device) -> str:
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "no GPU used"
+    return f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, {gpu}"
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
