@@ -13,6 +13,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from ncpipe.errors import NcpipeError
 from ncpipe.images import DEFAULT_MAX_PIXELS  # noqa: F401  (re-exported for decoders)
 
 MAGIC = b"NCPB"
@@ -49,7 +50,7 @@ CORRECTION_RANGE = (0.0, 1.0)  # λ_t is quantized uniformly over this range
 MAX_CORRECTION_STEPS = 64
 
 
-class BitstreamError(ValueError):
+class BitstreamError(NcpipeError, ValueError):
     """The bytes are not a valid ncpipe bitstream; the message says which field failed."""
 
 

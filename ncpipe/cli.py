@@ -17,10 +17,10 @@ from ncpipe.config import (
     DEFAULT_MODEL,
     ClusterConfig,
     CompressConfig,
-    ConfigError,
     DecompressConfig,
     RecompressConfig,
 )
+from ncpipe.errors import NcpipeError
 from ncpipe.images import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("ncpipe")
@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.handler(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (NcpipeError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
 

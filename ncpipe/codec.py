@@ -31,12 +31,13 @@ import torch
 from ncpipe import bitstream as fmt
 from ncpipe.entropy import rans
 from ncpipe.entropy.integer_net import ACT_FRAC_BITS, from_fixed
+from ncpipe.errors import NcpipeError
 from ncpipe.models.checkpoint import CodecModel
 
 DEFAULT_Y_CHUNK_CHANNELS = 32
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(NcpipeError, ValueError):
     """A bitstream was written by a different model than the one loaded."""
 
 

@@ -12,12 +12,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ncpipe.errors import NcpipeError
 from ncpipe.images import DEFAULT_MAX_PIXELS
 
 DEFAULT_MODEL = "mbt2018-mean-small-l0067"
 
 
-class ConfigError(ValueError):
+class ConfigError(NcpipeError, ValueError):
     """A configuration field is missing, unknown, of the wrong type or out of range."""
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, features
 
 from ncpipe import metrics
+from ncpipe.errors import NcpipeError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ WEBP_METHOD = 4
 JPEGXL_EFFORT = 7
 
 
-class BaselineUnavailableError(RuntimeError):
+class BaselineUnavailableError(NcpipeError, RuntimeError):
     """A baseline codec that a run asked for cannot be used here; the message names it."""
 
 

@@ -26,6 +26,7 @@ from typing import BinaryIO, Callable, Iterator, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from ncpipe.errors import NcpipeError
 from ncpipe.io.urls import redact, url_for, url_to_fs
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ _KEPT_ERROR_TYPES = (
 )
 
 
-class StorageError(OSError):
+class StorageError(NcpipeError, OSError):
     """A storage operation failed (message redacted)."""
 
 

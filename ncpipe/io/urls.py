@@ -18,10 +18,13 @@ import braceexpand
 import fsspec
 from fsspec.core import split_protocol
 
+from ncpipe.errors import NcpipeError
+
 SHARD_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
 """What a shard's name ends with; a directory spec picks up every file with one of these."""
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_QUERY_PROTOCOLS = ("http", "https")  # URLs whose '?' begins a query string
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
 _MIN_SECRET_LEN = 4  # replacing shorter values would garble every message and protect nothing
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?:[^\s/@:]*:[^\s@]*|[^\s/@:]+)@")
@@ -35,7 +38,7 @@ REDACTED = "***"
 _LOOKUPS_BEFORE_LISTING = 16  # more brace-expanded names than this in one directory: list it once instead
 
 
-class InputError(ValueError):
+class InputError(NcpipeError, ValueError):
     """An input spec names no shard (nothing matches, or a listed shard does not exist)."""
 
 
@@ -81,6 +84,10 @@ def expand_inputs(specs: Sequence[str]) -> list[str]:
 
 
 def _expand_spec(spec: str) -> list[str]:
+    if split_protocol(spec)[0] in _QUERY_PROTOCOLS and "?" in spec:
+        # A signed URL names one object; its '?' starts the query (credentials), not a glob.
+        # Not probed here: a URL signed for GET may refuse HEAD; a bad one becomes a shard error.
+        return [spec]
     if "{" in spec or "}" in spec:
         return _expand_braces(spec)
     fs, path = url_to_fs(spec)

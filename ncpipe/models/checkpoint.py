@@ -31,13 +31,14 @@ import torch
 
 from ncpipe.entropy.integer_net import IntegerHyperSynthesis, choose_weight_frac_bits, to_fixed
 from ncpipe.entropy.tables import CdfTables, TableError
+from ncpipe.errors import NcpipeError
 from ncpipe.models.architectures import HyperpriorAdapter, architecture
 
 CHECKPOINT_FORMAT = "ncpipe-codec/1"
 _HASHED_FIELDS = ("format", "arch", "hparams", "rate", "hyper_frac_bits")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(NcpipeError, ValueError):
     """A checkpoint is missing, malformed, or not the one that was asked for."""
 
 

@@ -22,8 +22,8 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from ncpipe.config import ClusterConfig
-from ncpipe.pipeline.actors import WorkerResources
 from ncpipe.io.urls import redact
+from ncpipe.pipeline.actors import WorkerResources
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +32,27 @@ PROGRESS_EVERY_SECONDS = 5.0
 
 
 def connect(cluster: ClusterConfig) -> None:
-    """Join ``cluster.address``, or start an embedded Ray bound to loopback."""
+    """Join ``cluster.address`` (or, as a Ray job's entrypoint, the job's cluster), else start an
+    embedded Ray bound to loopback."""
     if ray.is_initialized():
         return
-    if cluster.address:
-        ray.init(address=cluster.address, logging_level=logging.WARNING)
+    address = cluster.address or _submitted_job_cluster()
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
     else:
         with _loopback_only():
             # "local": a new cluster even when RAY_ADDRESS or a `ray start` cluster exists.
             ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+
+
+def _submitted_job_cluster() -> str | None:
+    """The cluster of the Ray job this process is the entrypoint of (``ncpipe submit``, a KubeRay
+    RayJob), or None. Ray's job supervisor gives an entrypoint its job config (runtime env: the
+    uploaded working dir, on that cluster's GCS) and the cluster's RAY_ADDRESS; a RAY_ADDRESS
+    alone (a user's shell) does not make a job join a cluster."""
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return os.environ.get("RAY_ADDRESS") or "auto"
+    return None
 
 
 # Ray resolves a node IP of 127.0.0.1 to the machine's external address and binds its

@@ -31,6 +31,7 @@ from typing import Iterator
 
 from ncpipe.bitstream import BitstreamError
 from ncpipe.codec import ModelMismatchError
+from ncpipe.errors import NcpipeError
 from ncpipe.images import DecodedImage
 from ncpipe.io.storage import exists
 from ncpipe.io.tar_reader import Sample, iter_samples
@@ -45,7 +46,7 @@ SOURCE_ORIGINAL = "original"
 SOURCE_TRANSCODED = "transcoded"
 
 
-class RecompressError(RuntimeError):
+class RecompressError(NcpipeError, RuntimeError):
     """A shard's bitstreams and its manifest disagree; the shard is left as it was."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ncpipe.config import ConfigError
 from ncpipe.models.architectures import HyperpriorAdapter, build_adapter
 from ncpipe.train.data import RandomCrops, load_training_images
 from ncpipe.train.loop import (
@@ -52,6 +53,32 @@ class CodecTrainConfig:
     threads: int = 0
     init_from: str | None = None
 
+    def __post_init__(self) -> None:
+        if not self.data or not self.run_dir:
+            raise ConfigError("data and run_dir are required")
+        for name in ("steps", "batch_size", "crop", "lr", "aux_lr", "checkpoint_every", "log_every", "lmbda"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)!r}")
+        if not 0.0 < self.lr_decay_at <= 1.0:
+            raise ConfigError(f"lr_decay_at: must lie in (0, 1], got {self.lr_decay_at!r}")
+        if self.threads < 0:
+            raise ConfigError(f"threads: must be >= 0, got {self.threads!r}")
+
+
+def resume_step(config: CodecTrainConfig) -> int:
+    """The step a run resumes from (0: a new run); refuses a run_dir holding a different model."""
+    state = load_state(Path(config.run_dir))
+    if state is None:
+        return 0
+    saved = {"arch": state["arch"], "hparams": dict(state["hparams"]), "lmbda": state["lmbda"]}
+    wanted = {"arch": config.arch, "hparams": dict(config.hparams), "lmbda": config.lmbda}
+    if saved != wanted:
+        raise ConfigError(
+            f"run_dir {config.run_dir} holds a run of {saved}, not {wanted}: resume it with its own settings, "
+            "or choose another run_dir (init_from starts a new run from its weights)"
+        )
+    return int(state["step"])
+
 
 def rate_distortion_loss(adapter: HyperpriorAdapter, x: torch.Tensor, lmbda: float, amp_dtype):
     """Returns (loss, bpp, mse) for one batch."""
@@ -73,6 +100,7 @@ def _optimizers(adapter: HyperpriorAdapter, config: CodecTrainConfig):
 
 def train_codec(config: CodecTrainConfig) -> Path:
     """Train (or resume) and return the path of the saved training state."""
+    resume_step(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)

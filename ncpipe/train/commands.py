@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,11 +26,6 @@ log = logging.getLogger(__name__)
 
 TRAIN_CODEC_KIND = "train-codec"
 
-# CompressAI's zoo models (MSE) were trained with these λ per quality (loss λ·255²·MSE + bpp):
-# CompressAI documentation, "Image compression" zoo page, section "Training".
-ZOO_MSE_LAMBDAS = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.0130, 5: 0.0250, 6: 0.0483, 7: 0.0932, 8: 0.1800}
-# CompressAI's zoo file names: <arch>-<quality>-<first hex digits of the file's SHA-256>.pth.tar
-_ZOO_FILE_NAME = re.compile(r"^(?P<arch>[A-Za-z0-9_-]+?)-(?P<quality>\d+)-(?P<hash>[0-9a-f]{6,64})\.pth\.tar$")
 
 
 # -- spec files and command lines, shared with ncpipe.evaluation.commands ------------------
@@ -126,7 +120,6 @@ TRAIN_CODEC_FLAGS: dict[str, dict[str, Any]] = {
     "threads": dict(type=int, help="torch CPU threads (0: torch's default)"),
     "init_from": dict(metavar="TRAIN_STATE", help="start from another run's train_state.pt (weights only)"),
 }
-_POSITIVE_FIELDS = ("steps", "batch_size", "crop", "lr", "aux_lr", "checkpoint_every", "log_every", "lmbda")
 
 
 def _add_train_codec(sub) -> None:
@@ -155,39 +148,14 @@ def train_codec_config(args: argparse.Namespace):
     if "hparams" in overrides:
         overrides["hparams"] = dict(overrides["hparams"])
     where = f"{args.spec} spec" if args.spec else ""
-    config = config_from_mapping(CodecTrainConfig, merge_overrides(spec, overrides), where)
-    for name in _POSITIVE_FIELDS:
-        if getattr(config, name) <= 0:
-            raise ConfigError(f"{name}: must be positive, got {getattr(config, name)!r}")
-    if not 0.0 < config.lr_decay_at <= 1.0:
-        raise ConfigError(f"lr_decay_at: must lie in (0, 1], got {config.lr_decay_at!r}")
-    if config.threads < 0:
-        raise ConfigError(f"threads: must be >= 0, got {config.threads!r}")
-    return config
-
-
-def _check_resumable(config) -> int:
-    """The step a run resumes from (0: a new run); refuse a run_dir holding a different model."""
-    from ncpipe.train.loop import load_state
-
-    state = load_state(Path(config.run_dir))
-    if state is None:
-        return 0
-    saved = {"arch": state["arch"], "hparams": dict(state["hparams"]), "lmbda": state["lmbda"]}
-    wanted = {"arch": config.arch, "hparams": dict(config.hparams), "lmbda": config.lmbda}
-    if saved != wanted:
-        raise ConfigError(
-            f"run_dir {config.run_dir} holds a run of {saved}, not {wanted}: resume it with its own settings, "
-            "or choose another run_dir (init_from starts a new run from its weights)"
-        )
-    return int(state["step"])
+    return config_from_mapping(CodecTrainConfig, merge_overrides(spec, overrides), where)
 
 
 def _train_codec(args: argparse.Namespace) -> int:
-    from ncpipe.train.codec_trainer import train_codec
+    from ncpipe.train.codec_trainer import resume_step, train_codec
 
     config = train_codec_config(args)
-    start = _check_resumable(config)
+    start = resume_step(config)
     if start >= config.steps:
         print(f"{config.run_dir} is already at step {start} of {config.steps}: nothing to train")
         return 0
@@ -294,86 +262,17 @@ def _add_import_zoo(sub) -> None:
     p.set_defaults(handler=_import_zoo)
 
 
-def find_zoo_file(arch: str, quality: int, cache_dir: Path | None = None) -> Path:
-    """The one CompressAI zoo file for (arch, MSE, quality) in the torch hub cache; never downloads."""
-    import torch
-
-    cache_dir = cache_dir or Path(torch.hub.get_dir()) / "checkpoints"
-    pattern = f"{arch}-{quality}-*.pth.tar"
-    matches = sorted(p for p in cache_dir.glob(pattern) if _zoo_name(p.name) == (arch, quality))
-    if not matches:
-        raise FileNotFoundError(
-            f"no CompressAI zoo file {pattern} in {cache_dir} (the torch hub cache; TORCH_HOME moves it). "
-            "ncpipe never downloads weights: copy the file there, or pass --file PATH"
-        )
-    if len(matches) > 1:
-        raise ConfigError(f"several zoo files match {pattern} in {cache_dir}: {[p.name for p in matches]}; pass --file")
-    return matches[0]
-
-
-def _zoo_name(file_name: str) -> tuple[str, int] | None:
-    match = _ZOO_FILE_NAME.match(file_name)
-    return (match["arch"], int(match["quality"])) if match else None
-
-
-def import_zoo_weights(
-    arch: str, quality: int, path: Path, lmbda: float | None = None
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(released checkpoint, source facts) of a CompressAI weights file, after checking its name and sizes."""
-    import torch
-    from compressai.zoo.image import cfgs, model_urls
-    from compressai.zoo.pretrained import load_pretrained
-
-    from ncpipe.models.architectures import HyperpriorAdapter, architecture
-    from ncpipe.models.checkpoint import CheckpointError, file_sha256, release_checkpoint
-
-    spec = architecture(arch)
-    if lmbda is None and quality not in ZOO_MSE_LAMBDAS:
-        raise ConfigError(f"--quality: CompressAI's zoo has qualities 1..8, not {quality}")
-    source_sha256 = file_sha256(path)
-    named = _ZOO_FILE_NAME.match(path.name)
-    if named and (named["arch"], int(named["quality"])) != (arch, quality):
-        raise ConfigError(f"{path.name} is CompressAI's {named['arch']} quality {named['quality']}, "
-                          f"not {arch} quality {quality}")
-    if named and not source_sha256.startswith(named["hash"]):
-        raise CheckpointError(f"{path} has SHA-256 {source_sha256}, but its zoo name says it starts with "
-                              f"{named['hash']}: the file is damaged or not the one published under that name")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a bad file; all mean "unreadable"
-        raise CheckpointError(f"{path} is not a loadable weights-only file: {err}") from None
-    state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    try:
-        model = spec.builder.from_state_dict(load_pretrained(state_dict))
-    except (KeyError, RuntimeError) as err:
-        raise CheckpointError(f"{path} is not a CompressAI {arch} state dict: {err}") from None
-    adapter = HyperpriorAdapter(spec, model)
-    sizes = (adapter.hyper_channels, adapter.latent_channels)
-    official = model_urls.get(arch, {}).get("mse", {}).get(quality, "").rsplit("/", 1)[-1]
-    if named and sizes != tuple(cfgs[arch][quality]):
-        raise CheckpointError(f"{path} has N, M = {sizes}, but CompressAI's {arch} quality {quality} has "
-                              f"{tuple(cfgs[arch][quality])}")
-    source = {
-        "kind": "compressai-zoo", "arch": arch, "quality": quality, "metric": "mse", "file": str(path),
-        "file_sha256": source_sha256, "zoo_file_name": bool(named), "compressai_release": path.name == official,
-        "lambda": "given" if lmbda is not None else "CompressAI zoo training λ for this quality",
-    }
-    checkpoint = release_checkpoint(adapter, lmbda if lmbda is not None else ZOO_MSE_LAMBDAS[quality],
-                                    {"source": source})
-    return checkpoint, source
-
-
 def _import_zoo(args: argparse.Namespace) -> int:
-    from ncpipe.evaluation.run import card_evaluation, dataset_label, evaluate_checkpoint
     from ncpipe.evaluation.learned import load_image_set
+    from ncpipe.evaluation.run import card_evaluation, dataset_label, evaluate_checkpoint
     from ncpipe.models.cards import write_card
     from ncpipe.models.checkpoint import file_sha256, save_checkpoint
     from ncpipe.models.registry import CHECKPOINT_NAME, ModelRef
     from ncpipe.train.data import list_image_files
 
     directory = _registry_folder(args.models_dir, args.name, args.overwrite)
+    from ncpipe.models.zoo import find_zoo_file, import_zoo_weights
+
     path = Path(args.file) if args.file else find_zoo_file(args.arch, args.quality)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")

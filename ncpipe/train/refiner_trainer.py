@@ -27,7 +27,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -191,8 +191,13 @@ class AlignedCrops:
                 torch.tensor(rates, dtype=torch.float32))
 
 
+class BatchLoss(NamedTuple):
+    loss: torch.Tensor  # the training loss, in the model range [-1, 1]
+    identity: torch.Tensor  # the same loss for x0_hat = x_t (what the untrained residual refiner scores)
+
+
 def refiner_loss(refiner: Refiner, x0: torch.Tensor, x_hat: torch.Tensor, y_hat: torch.Tensor, rates: torch.Tensor,
-                 generator: torch.Generator, loss: str = "l2", amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 generator: torch.Generator, loss: str = "l2", amp_dtype: torch.dtype | None = None) -> BatchLoss:
     """The training loss of one batch ([0, 1] inputs): x0 target, L2 or L1 in the model range."""
     x0m, xhm = to_model_range(x0), to_model_range(x_hat)
     cfg = refiner.config
@@ -203,8 +208,10 @@ def refiner_loss(refiner: Refiner, x0: torch.Tensor, x_hat: torch.Tensor, y_hat:
     with torch.autocast(device_type=x0.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         pred = refiner(batch.x_t, batch.t, xhm, y_hat if cfg.latent_features else None,
                        rates if cfg.rate_conditioning else None)
-    error = pred.float() - batch.target
-    return error.square().mean() if loss == "l2" else error.abs().mean()
+    def reduce(error: torch.Tensor) -> torch.Tensor:
+        return error.square().mean() if loss == "l2" else error.abs().mean()
+
+    return BatchLoss(reduce(pred.float() - batch.target), reduce(batch.x_t.detach() - batch.target))
 
 
 def train_refiner(config: RefinerTrainConfig) -> Path:
@@ -237,16 +244,20 @@ def train_refiner(config: RefinerTrainConfig) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, config)
         x0, x_hat, y_hat, rates = (t.to(device, non_blocking=True) for t in crops.batch(config.batch_size))
-        loss = refiner_loss(refiner, x0, x_hat, y_hat, rates, generator, config.loss, amp_dtype)
+        loss, identity = refiner_loss(refiner, x0, x_hat, y_hat, rates, generator, config.loss, amp_dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(refiner.parameters(), config.clip_grad_norm)
         optimizer.step()
         last_loss = loss.item()
-        progress.add(step, loss=last_loss, codec_mse=F.mse_loss(x_hat, x0).item())
+        progress.add(step, loss=last_loss, identity_loss=identity.item(), codec_psnr=_psnr(x_hat, x0))
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             _save(refiner, optimizer, run_dir, config, step + 1)
     return _release(refiner, run_dir, config, device, len(images), last_loss)
+
+
+def _psnr(x_hat: torch.Tensor, x0: torch.Tensor) -> float:
+    return -10.0 * math.log10(max(F.mse_loss(x_hat, x0).item(), 1e-10))
 
 
 def _learning_rate(step: int, config: RefinerTrainConfig) -> float:

@@ -24,7 +24,7 @@ from ncpipe.models.checkpoint import (
     release_checkpoint,
 )
 from ncpipe.models.registry import load_model, resolve_model
-from ncpipe.train.commands import ZOO_MSE_LAMBDAS
+from ncpipe.models.zoo import ZOO_MSE_LAMBDAS
 from ncpipe.train.loop import load_state
 from tests.factories import BSDS, kodak_pixels
 
