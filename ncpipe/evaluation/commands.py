@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ncpipe.train.commands import merge_overrides, read_job_spec
+from ncpipe.operations.jobspec import merge_overrides, spec_fields
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def evaluate_config(args: argparse.Namespace):
     from ncpipe.config import config_from_mapping
     from ncpipe.evaluation.run import EvaluateConfig
 
-    spec = read_job_spec(args.spec, EVALUATE_KIND) if args.spec else {}
+    spec = spec_fields(args.spec, EVALUATE_KIND) if args.spec else {}
     overrides = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)}
     return config_from_mapping(EvaluateConfig, merge_overrides(spec, overrides), f"{args.spec} spec" if args.spec else "")
 

@@ -195,7 +195,7 @@ def card_evaluation(results: list[ImageResult], dataset: str, command: str, devi
 
 def equivalent_command(config: EvaluateConfig) -> str:
     """The ``ncpipe evaluate`` command line that runs ``config`` (fields left at their defaults omitted)."""
-    from ncpipe.train.commands import command_line
+    from ncpipe.models.cards import command_line
 
     default, options = EvaluateConfig(), []
     for f in dataclasses.fields(config):

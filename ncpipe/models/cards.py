@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -24,6 +25,23 @@ PUBLISHED_ANCHOR_MBT2018_MEAN = (
     {"quality": 5, "bpp": 0.662, "psnr": 34.95},
     {"quality": 7, "bpp": 1.234, "psnr": 38.79},
 )
+
+
+def command_line(words: Sequence[str], options: Sequence[tuple[str, Any]]) -> str:
+    """``ncpipe <words> <options>`` as a shell line: the options given (None/False left out), in a fixed order."""
+    parts = ["ncpipe", *words]
+    for flag, value in options:
+        if value is None or value is False:
+            continue
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, Mapping):
+            parts += [flag, *(f"{k}={v}" for k, v in value.items())]
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, *map(str, value)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
 
 
 def machine_description() -> str:

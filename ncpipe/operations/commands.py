@@ -92,7 +92,8 @@ def _submit(args: argparse.Namespace) -> int:
     submission_id = submit(client, plan, args.submission_id)
     print(submission_id, flush=True)
     if args.no_wait:
-        log.info("follow with: ncpipe job logs %s --follow; stop with: ncpipe job stop %s", submission_id, submission_id)
+        log.info("follow with: ncpipe job logs %s --follow; stop with: ncpipe job stop %s",
+                 submission_id, submission_id)
         return EXIT_OK
     return _wait(client, submission_id)
 

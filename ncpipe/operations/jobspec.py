@@ -43,7 +43,9 @@ class JobKind:
 JOB_KINDS: dict[str, JobKind] = {
     "compress": JobKind("ncpipe.config:CompressConfig", "ncpipe.pipeline.jobs:run_compress"),
     "decompress": JobKind("ncpipe.config:DecompressConfig", "ncpipe.pipeline.jobs:run_decompress"),
+    "evaluate": JobKind("ncpipe.evaluation.run:EvaluateConfig", "ncpipe.evaluation.run:evaluate_job"),
     "train-codec": JobKind("ncpipe.train.codec_trainer:CodecTrainConfig", "ncpipe.train.codec_trainer:train_codec"),
+    "recompress": JobKind("ncpipe.config:RecompressConfig", "ncpipe.pipeline.jobs:run_recompress"),
 }
 
 TOP_LEVEL_KEYS = ("kind", "spec", "cluster")
@@ -68,16 +70,45 @@ def import_path(path: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
+def read_document(path: str | Path) -> Any:
+    """The parsed YAML of a spec file; errors name the file (and the line)."""
+    try:
+        with open(path) as stream:  # a stream, so YAML errors name the file and line
+            return yaml.safe_load(stream)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"job spec {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+def spec_fields(path: str | Path, kind: str) -> dict[str, Any]:
+    """The ``spec:`` mapping of a file that must be of ``kind`` (for commands whose flags override it)."""
+    document = read_document(path)
+    if not isinstance(document, Mapping) or document.get("kind") != kind:
+        found = document.get("kind") if isinstance(document, Mapping) else None
+        raise ConfigError(f"{path}: kind is {found!r}, but this command runs kind {kind!r} specs")
+    unknown = [key for key in document if key not in TOP_LEVEL_KEYS]
+    fields = document.get("spec")
+    if unknown or not isinstance(fields, Mapping):
+        raise ConfigError(f"{path}: expected 'kind: {kind}' and a 'spec:' mapping (unknown keys: {unknown})")
+    return dict(fields)
+
+
+def merge_overrides(spec: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec`` with each given flag replacing its field; mapping fields are merged key by key."""
+    merged = dict(spec)
+    for name, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(name), Mapping):
+            merged[name] = {**merged[name], **value}
+        else:
+            merged[name] = value
+    return merged
+
+
 def load_spec(path: str | Path) -> JobSpec:
     """Read and validate the job spec at ``path``; errors name the file and the field."""
     where = str(path)
-    try:
-        with open(path) as stream:  # a stream, so YAML errors name the file and line
-            document = yaml.safe_load(stream)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"job spec {where} does not exist") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    document = read_document(path)
     try:
         kind, config = parse_spec(document)
     except ConfigError as err:

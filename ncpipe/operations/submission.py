@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
+from ncpipe.errors import NcpipeError
 from ncpipe.io.urls import redact
 from ncpipe.operations.jobspec import load_spec
 
@@ -40,7 +41,7 @@ ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # what Ray's client rea
 POLL_SECONDS = 2.0
 
 
-class SubmissionError(ValueError):
+class SubmissionError(NcpipeError, ValueError):
     """The cluster refused or cannot be reached, or the submission would not work there."""
 
 

@@ -96,6 +96,10 @@ class ShardFailure:
     task: Any
     error: str
 
+    def describe(self) -> str:
+        """The failed shard and why, for summaries (credentials redacted)."""
+        return f"{redact(self.task.input_url)}: {self.error}"
+
 
 @dataclass
 class PoolOutcome:
@@ -147,7 +151,9 @@ def _retry_or_fail(task, error, max_attempts, describe, pending, outcome) -> Non
                     describe(task), type(error).__name__, task.attempt + 1, max_attempts)
         pending.appendleft(dataclasses.replace(task, attempt=task.attempt + 1))
     else:
-        outcome.failures.append(ShardFailure(task, f"worker lost {max_attempts} times: {error}"))
+        reason = f"worker lost {max_attempts} times, last: {type(error).__name__}: {redact(str(error))}"
+        log.error("%s failed: %s", describe(task), reason)
+        outcome.failures.append(ShardFailure(task, reason))
 
 
 def _replace_if_dead(actor, make_actor):

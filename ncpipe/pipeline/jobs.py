@@ -69,6 +69,7 @@ class CompressSummary:
     wall_seconds: float
     samples_per_second: float
     model: dict[str, Any] = field(default_factory=dict)
+    failure_reasons: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -86,7 +87,7 @@ class CompressSummary:
             f"{_fmt(self.mean_ms_ssim, '.4f')} MS-SSIM",
             f"time        {self.wall_seconds:.1f}s wall, {self.samples_per_second:.1f} samples/s this run",
         ]
-        lines += [f"FAILED      {name}" for name in self.shards_failed]
+        lines += [f"FAILED      {reason}" for reason in self.failure_reasons or self.shards_failed]
         return "\n".join(lines)
 
 
@@ -165,15 +166,25 @@ def run_compress(config: CompressConfig) -> CompressSummary:
     ]
     log.info("%d input shards: %d to compress, %d already committed", len(inputs), len(tasks), len(inputs) - len(tasks))
     outcome = run_tasks(config.cluster, tasks, CompressActor, config, "compress")
-    failed = [redact(failure.task.input_url) for failure in outcome.failures]
+    clear_partials(generation.shards_dir, generation.manifest_dir, generation.commits_dir)
+    failed = [redact(f.task.input_url) for f in outcome.failures]
     summary = summarise_compress(
         generation, job, inputs, len(inputs) - len(tasks), failed, time.perf_counter() - started,
         sum(result.samples for result in outcome.results),
     )
+    summary = dataclasses.replace(summary, failure_reasons=[f.describe() for f in outcome.failures])
     if summary.complete:
         write_bytes_atomic(generation.summary_file, json.dumps(asdict(summary), indent=2).encode())
         archive.set_current(FIRST_GENERATION)
     return summary
+
+
+def clear_partials(*directories: str) -> None:
+    """Remove temps of writers killed during this run (a retried shard's first attempt, say):
+    every task has finished, so none belongs to a live writer."""
+    removed = sum(remove_partials(directory) for directory in directories)
+    if removed:
+        log.info("removed %d temporary file(s) left by killed writers", removed)
 
 
 def run_tasks(cluster: ClusterConfig, tasks: list, actor_class, config, label: str) -> PoolOutcome:
@@ -269,6 +280,7 @@ class RestoreSummary:
     error_examples: list[str]
     wall_seconds: float
     samples_per_second: float
+    failure_reasons: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -282,7 +294,7 @@ class RestoreSummary:
             f"time        {self.wall_seconds:.1f}s wall, {self.samples_per_second:.1f} samples/s this run",
         ]
         lines += [f"error       {example}" for example in self.error_examples]
-        lines += [f"FAILED      {name}" for name in self.shards_failed]
+        lines += [f"FAILED      {reason}" for reason in self.failure_reasons or self.shards_failed]
         return "\n".join(lines)
 
 
@@ -336,6 +348,7 @@ def run_decompress(config: DecompressConfig) -> RestoreSummary:
         if not is_committed(restore.commit_marker(stems[url]), url, fingerprint)
     ]
     outcome = run_tasks(config.cluster, tasks, DecompressActor, config, "decompress")
+    clear_partials(restore.root, restore.manifest_dir, restore.commits_dir)
     table = read_manifest(restore.manifest_dir, RESTORE_SCHEMA)
     errors = table.filter(pc.equal(table["status"], STATUS_ERROR))
     wall = time.perf_counter() - started
@@ -351,6 +364,7 @@ def run_decompress(config: DecompressConfig) -> RestoreSummary:
         error_examples=sorted(set(errors["error"].to_pylist()))[:3],
         wall_seconds=wall,
         samples_per_second=sum(r.samples for r in outcome.results) / wall if wall > 0 else 0.0,
+        failure_reasons=[f.describe() for f in outcome.failures],
     )
 
 
@@ -373,6 +387,7 @@ class RecompressSummary:
     switched: bool
     shards_failed: list[str]
     wall_seconds: float
+    failure_reasons: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -404,7 +419,7 @@ class RecompressSummary:
                 f"current     {'switched to ' + self.generation if self.switched else 'unchanged'}",
                 f"time        {self.wall_seconds:.1f}s",
             ]
-        lines += [f"FAILED      {name}" for name in self.shards_failed]
+        lines += [f"FAILED      {reason}" for reason in self.failure_reasons or self.shards_failed]
         return "\n".join(lines)
 
 
@@ -477,6 +492,7 @@ def run_recompress(config: RecompressConfig) -> RecompressSummary:
         + sum(r["compressed_bytes"] for r in chosen) - sum(r["previous_compressed_bytes"] for r in new_rows),
         mean_generation_loss_db=sum(losses) / len(losses) if losses else None,
         switched=not failed, wall_seconds=time.perf_counter() - started,
+        failure_reasons=[f.describe() for f in outcome.failures],
     )
     if not failed:
         write_bytes_atomic(generation.summary_file, json.dumps(dataclasses.asdict(summary), indent=2).encode())

@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ncpipe.config import ConfigError
+from ncpipe.models.cards import command_line
+from ncpipe.operations.jobspec import merge_overrides, spec_fields
 
 log = logging.getLogger(__name__)
 
@@ -29,58 +30,6 @@ TRAIN_CODEC_KIND = "train-codec"
 
 
 # -- spec files and command lines, shared with ncpipe.evaluation.commands ------------------
-
-
-def read_job_spec(path: str | Path, kind: str) -> dict[str, Any]:
-    """The ``spec:`` mapping of a ``kind: <kind>`` job file; errors name the file and what is wrong."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"spec file {path} does not exist")
-    try:
-        document = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(document, Mapping) or "kind" not in document:
-        raise ConfigError(f"{path}: expected a mapping with 'kind: {kind}' and 'spec:'")
-    unknown = [key for key in document if key not in ("kind", "spec")]
-    if unknown:
-        raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; a {kind} spec has kind and spec")
-    if document["kind"] != kind:
-        raise ConfigError(f"{path}: kind is {document['kind']!r}, but this command runs kind {kind!r} specs")
-    spec = document.get("spec")
-    if not isinstance(spec, Mapping):
-        raise ConfigError(f"{path}: 'spec:' must be a mapping of {kind} fields, got {type(spec).__name__}")
-    return dict(spec)
-
-
-def merge_overrides(spec: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``spec`` with each given flag replacing its field; mapping fields are merged key by key."""
-    merged = dict(spec)
-    for name, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(name), Mapping):
-            merged[name] = {**merged[name], **value}
-        else:
-            merged[name] = value
-    return merged
-
-
-def command_line(words: Sequence[str], options: Sequence[tuple[str, Any]]) -> str:
-    """``ncpipe <words> <options>`` as a shell line: the options given (None/False left out), in a fixed order."""
-    parts = ["ncpipe", *words]
-    for flag, value in options:
-        if value is None or value is False:
-            continue
-        if value is True:
-            parts.append(flag)
-        elif isinstance(value, Mapping):
-            parts += [flag, *(f"{k}={v}" for k, v in value.items())]
-        elif isinstance(value, (list, tuple)):
-            parts += [flag, *map(str, value)]
-        else:
-            parts += [flag, str(value)]
-    return shlex.join(parts)
 
 
 # -- ncpipe train codec ----------------------------------------------------------------------
@@ -143,7 +92,7 @@ def train_codec_config(args: argparse.Namespace):
     from ncpipe.config import config_from_mapping
     from ncpipe.train.codec_trainer import CodecTrainConfig
 
-    spec = read_job_spec(args.spec, TRAIN_CODEC_KIND) if args.spec else {}
+    spec = spec_fields(args.spec, TRAIN_CODEC_KIND) if args.spec else {}
     overrides = {name: getattr(args, name) for name in TRAIN_CODEC_FLAGS if hasattr(args, name)}
     if "hparams" in overrides:
         overrides["hparams"] = dict(overrides["hparams"])

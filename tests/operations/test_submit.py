@@ -237,7 +237,8 @@ spec:
   device: cpu
 cluster: {{workers: 1}}
 """)
-    write_spec(root, "broken.yaml", "kind: compress\nspec: {inputs: [data/missing.tar], output: o, model: tiny/model.pt}")
+    write_spec(root, "broken.yaml",
+               "kind: compress\nspec: {inputs: [data/missing.tar], output: o, model: tiny/model.pt}")
     return root
 
 

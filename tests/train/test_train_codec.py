@@ -16,9 +16,10 @@ from PIL import Image
 from ncpipe.cli import build_parser, main
 from ncpipe.config import ConfigError
 from ncpipe.images import decode_image
+from ncpipe.operations.jobspec import spec_fields
 from ncpipe.train import codec_trainer
 from ncpipe.train.codec_trainer import CodecTrainConfig, train_codec
-from ncpipe.train.commands import TRAIN_CODEC_FLAGS, read_job_spec, train_codec_config
+from ncpipe.train.commands import TRAIN_CODEC_FLAGS, train_codec_config
 from ncpipe.train.data import load_training_images, training_sources
 from ncpipe.train.loop import load_state
 from tests.factories import BSDS, REPO_ROOT, TINY_HPARAMS
@@ -138,7 +139,7 @@ def test_flags_override_the_spec_file(tmp_path):
 def test_spec_errors_name_the_problem(tmp_path):
     wrong_kind = _write_spec(tmp_path / "eval.yaml", "evaluate", {"images": "x"})
     with pytest.raises(ConfigError, match="kind is 'evaluate', but this command runs kind 'train-codec'"):
-        read_job_spec(wrong_kind, "train-codec")
+        spec_fields(wrong_kind, "train-codec")
     typo = _write_spec(tmp_path / "typo.yaml", "train-codec", {"data": "x", "run_dir": "r", "stpes": 3})
     args = build_parser().parse_args(["train", "codec", "--spec", str(typo)])
     with pytest.raises(ConfigError, match=r"stpes: unknown field \(did you mean 'steps'\?\)"):

@@ -1,0 +1,347 @@
+"""``ncpipe evaluate-corrdiff``: CorrDiff's distortion-perception knob against the base codec and NC-Diffusion.
+
+::
+
+    image ─analyse, rANS─► v1 .ncb ─decode─► x̂                                  row "codec"
+                              │        └──► refiner.refine(K)                    row "<refiner label>"
+                              └─ compute_corrections(x) ─► + extension ─► v2 .ncb (its bytes are the bpp)
+                                                                   └─decode at each p─► row "corrdiff" (p)
+    rows ─► results.parquet / results.csv   one row per image x method (x p)
+         ─► summary.csv / summary.md        mean per method (x p), with ΔPSNR to the codec
+         ─► corrdiff_psnr_vs_p.png, corrdiff_hf_vs_p.png, corrdiff_msssim_vs_p.png, corrdiff_psnr_vs_hf.png
+
+The codec and refiner rows decode the plain (version-1) bitstream; CorrDiff rows decode the version-2
+bitstream carrying the coefficients, so their bpp includes the extension's bytes. ``hf_ratio`` is
+``metrics.high_frequency_energy_ratio`` (spectral energy above ¼ of Nyquist, output / original: < 1
+blurrier, ~1 as detailed as the original). Decode time is the whole decoder (parse, rANS, entropy
+parameters, synthesis, plus the diffusion sampler where there is one). ``replay_match``: at p = ½ the
+decoder's output equals the encoder's replay bit for bit.
+
+Perceptual metrics (LPIPS, DISTS, FID on patches) need pretrained network weights. ncpipe downloads
+nothing: :func:`perceptual_weights` looks for the files in ``$NCPIPE_METRIC_WEIGHTS`` (``:``-separated
+folders) and torch's hub checkpoint folder, and the evaluation logs and records which are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import torch
+
+from ncpipe import metrics
+from ncpipe.codec import LearnedCodec
+from ncpipe.diffusion.corrdiff import (
+    TRANSMITTED_PERCEPTION,
+    attach_corrections,
+    compute_corrections,
+    corrdiff_decode,
+    encoder_batch,
+    knob_coefficient,
+    load_corrdiff,
+    read_corrections,
+)
+from ncpipe.diffusion.refiner import decoded_batch, load_refiner
+from ncpipe.evaluation.learned import load_image_set
+from ncpipe.evaluation.plots import plot_sweep
+from ncpipe.evaluation.refiners import _image_files, _short_name
+from ncpipe.io.storage import atomic_writer
+from ncpipe.manifest import arrow_schema
+from ncpipe.models.cards import machine_description, now_utc
+from ncpipe.models.registry import load_model
+from ncpipe.train.loop import resolve_device
+
+log = logging.getLogger(__name__)
+
+CODEC_METHOD, CORRDIFF_METHOD = "codec", "corrdiff"
+METRIC_WEIGHTS_ENV = "NCPIPE_METRIC_WEIGHTS"
+# What each perceptual metric needs, by the file names their reference implementations use.
+PERCEPTUAL_WEIGHT_FILES = {
+    "LPIPS (AlexNet)": ("alexnet-owt-7be5be79.pth", "lpips_alex_v0.1.pth"),
+    "DISTS": ("vgg16-397923af.pth", "DISTS_weights.pt"),
+    "FID (Inception, patches)": ("pt_inception-2015-12-05-6726825d.pth",),
+}
+
+
+@dataclass(frozen=True)
+class CorrDiffEvalConfig:
+    codec: str  # registry name or checkpoint path
+    corrdiff: str  # CorrDiff decoder checkpoint
+    images: str
+    output: str
+    refiners: tuple[tuple[str, str], ...] = ()  # (label, checkpoint path) of NC-Diffusion refiners
+    refiner_steps: int = 4
+    perceptions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    steps: int | None = None  # CorrDiff K (None: the decoder's default)
+    bits: int | None = None  # b (None: the decoder's default)
+    limit: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        labels = [label for label, _ in self.refiners]
+        if len(set(labels)) != len(labels) or {CODEC_METHOD, CORRDIFF_METHOD} & set(labels):
+            raise ValueError(f"refiner labels must be unique and not {CODEC_METHOD!r}/{CORRDIFF_METHOD!r}: {labels}")
+        if not self.perceptions or any(not 0.0 <= p <= 1.0 for p in self.perceptions):
+            raise ValueError(f"perception values must lie in [0, 1], got {self.perceptions}")
+        if self.refiner_steps < 1:
+            raise ValueError("refiner_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class CorrDiffResult:
+    method: str  # "codec", a refiner label, or "corrdiff"
+    perception: float  # p (NaN for rows without the knob)
+    steps: int  # sampler steps (0 for the codec)
+    bits: int  # bits per coefficient (0 without coefficients)
+    image: str
+    width: int
+    height: int
+    num_bytes: int  # the bitstream decoded for this row
+    coefficient_bytes: int  # of which the CorrDiff extension (count, header, payload, CRC32)
+    bpp: float
+    psnr: float
+    ms_ssim: float
+    hf_ratio: float
+    mean_lambda: float  # mean λ_t the decoder applied (NaN without coefficients)
+    encode_seconds: float
+    decode_seconds: float
+    replay_match: bool  # CorrDiff at p = ½: decoder output == encoder replay (True elsewhere by convention)
+
+
+@dataclass(frozen=True)
+class CorrDiffSummary:
+    method: str
+    perception: float
+    images: int
+    bpp: float
+    coefficient_bytes: float
+    psnr: float
+    delta_psnr: float  # mean over images of (method − codec) PSNR, dB
+    ms_ssim: float
+    hf_ratio: float
+    mean_lambda: float
+    encode_seconds: float
+    decode_seconds: float
+
+
+@dataclass(frozen=True)
+class WeightStatus:
+    metric: str
+    needed: tuple[str, ...]
+    found: tuple[str, ...]  # paths of the files found
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        names = {Path(p).name for p in self.found}
+        return tuple(n for n in self.needed if n not in names)
+
+
+def metric_weight_dirs() -> list[Path]:
+    """Where perceptual-metric weights are looked for: ``$NCPIPE_METRIC_WEIGHTS`` folders, then torch's hub cache."""
+    extra = [Path(p) for p in os.environ.get(METRIC_WEIGHTS_ENV, "").split(os.pathsep) if p]
+    return [*extra, Path(torch.hub.get_dir()) / "checkpoints"]
+
+
+def perceptual_weights() -> list[WeightStatus]:
+    """Which weight files of each perceptual metric are present in :func:`metric_weight_dirs`."""
+    dirs = metric_weight_dirs()
+    statuses = []
+    for metric, needed in PERCEPTUAL_WEIGHT_FILES.items():
+        found = [next((str(d / n) for d in dirs if (d / n).is_file()), None) for n in needed]
+        statuses.append(WeightStatus(metric, needed, tuple(f for f in found if f)))
+    return statuses
+
+
+def perceptual_message(statuses: Sequence[WeightStatus]) -> str:
+    """One paragraph for the log and the summary: what is missing, where it was looked for."""
+    where = ", ".join(str(d) for d in metric_weight_dirs())
+    missing = [f"{s.metric} needs {' + '.join(s.missing)}" for s in statuses if s.missing]
+    complete = [s.metric for s in statuses if not s.missing]
+    parts = []
+    if missing:
+        parts.append(f"Perceptual metrics not computed: weights missing ({'; '.join(missing)}). Looked in: {where} "
+                     f"(set ${METRIC_WEIGHTS_ENV} to a folder holding these files; ncpipe downloads nothing).")
+    if complete:
+        parts.append(f"Weights found for {', '.join(complete)}, but this evaluation does not compute them yet: "
+                     "their implementations are not checked against reference values here.")
+    return " ".join(parts)
+
+
+def evaluate_corrdiff(config: CorrDiffEvalConfig, command: str = "") -> tuple[list[CorrDiffResult], tuple[Path, ...]]:
+    """Run the comparison and write every output; returns (rows, written paths)."""
+    device = resolve_device(config.device)
+    statuses = perceptual_weights()
+    message = perceptual_message(statuses)
+    if message:
+        log.warning("%s", message)
+    images = load_image_set(_image_files(config.images, config.limit))
+    codec = LearnedCodec(load_model(config.codec).to(device), coder_threads=1)
+    try:
+        sha = codec.model.identity.sha256
+        decoder = load_corrdiff(config.corrdiff, device, codec_sha256=sha)
+        refiners = {label: load_refiner(path, device, codec_sha256=sha) for label, path in config.refiners}
+        rows: list[CorrDiffResult] = []
+        for name, pixels in images:
+            rows.extend(_evaluate_image(config, codec, decoder, refiners, name, pixels))
+            log.info("%s: %d rows", name, len(rows))
+    finally:
+        codec.close()
+    metadata = {
+        "command": command, "date": now_utc(), "machine": machine_description(), "codec": _short_name(config.codec),
+        "images": [name for name, _ in images], "corrdiff_sha256": decoder.sha256,
+        "refiners": {k: r.sha256 for k, r in refiners.items()}, "refiner_steps": config.refiner_steps,
+        "perceptual": message or "computed",
+    }
+    return rows, write_outputs(Path(config.output), rows, metadata)
+
+
+def _evaluate_image(config: CorrDiffEvalConfig, codec: LearnedCodec, decoder, refiners: dict, name: str,
+                    pixels: np.ndarray) -> list[CorrDiffResult]:
+    reference = metrics.to_unit_float(pixels).to(codec.device)
+    started = time.perf_counter()
+    analysed = codec.analyse([pixels], reconstruct=True)
+    plain = codec.submit_entropy_coding(analysed, 0, "RGB").result()
+    codec_encode = _elapsed(started, codec.device)
+    started = time.perf_counter()
+    encoded = compute_corrections(decoder, encoder_batch(codec, analysed, [name]), [reference[0]],
+                                  steps=config.steps, bits=config.bits)
+    corrected = attach_corrections(plain, encoded.coefficients[0])
+    corrdiff_encode = codec_encode + _elapsed(started, codec.device)
+    h, w = pixels.shape[:2]
+
+    def row(method: str, output: torch.Tensor, data: bytes, decode_s: float, encode_s: float, **extra) -> CorrDiffResult:
+        out = metrics.quantize_8bit(output[None].float())
+        values = dict(perception=math.nan, steps=0, bits=0, coefficient_bytes=0, mean_lambda=math.nan, replay_match=True)
+        values.update(extra)
+        return CorrDiffResult(
+            method=method, image=name, width=w, height=h, num_bytes=len(data), bpp=8 * len(data) / (w * h),
+            psnr=float(metrics.psnr(reference, out)[0]), ms_ssim=float(metrics.ms_ssim(reference, out)[0]),
+            hf_ratio=float(metrics.high_frequency_energy_ratio(reference, out)[0]),
+            encode_seconds=encode_s, decode_seconds=decode_s, **values,
+        )
+
+    started = time.perf_counter()
+    header, symbols = codec.decode_symbols(plain)
+    x_hat = codec.synthesise([header], [symbols])
+    base_seconds = _elapsed(started, codec.device)
+    rows = [row(CODEC_METHOD, x_hat[0], plain, base_seconds, codec_encode)]
+    decoded = decoded_batch(codec, [header], [symbols], x_hat)
+    for label, refiner in refiners.items():
+        started = time.perf_counter()
+        (refined,) = refiner.refine(decoded, config.refiner_steps)
+        rows.append(row(label, refined, plain, base_seconds + _elapsed(started, codec.device), codec_encode,
+                        steps=config.refiner_steps))
+    extension_bytes = len(corrected) - len(plain)
+    for p in config.perceptions:
+        started = time.perf_counter()
+        coefficients = read_corrections(corrected)
+        header2, symbols2 = codec.decode_symbols(corrected)
+        (out,) = corrdiff_decode(decoder, codec, [header2], [symbols2], [coefficients], p)
+        decode_s = _elapsed(started, codec.device)
+        match = bool(torch.equal(out, encoded.replay[0])) if p == TRANSMITTED_PERCEPTION else True
+        if not match:
+            log.warning("%s: the decoder's output at p = ½ differs from the encoder's replay", name)
+        lam = float(knob_coefficient(torch.tensor(coefficients.values, dtype=torch.float64), p).mean())
+        rows.append(row(CORRDIFF_METHOD, out, corrected, decode_s, corrdiff_encode, perception=p,
+                        steps=len(coefficients.indexes), bits=coefficients.bits, coefficient_bytes=extension_bytes,
+                        mean_lambda=lam, replay_match=match))
+    return rows
+
+
+def summarise(rows: Sequence[CorrDiffResult]) -> list[CorrDiffSummary]:
+    """Mean per (method, p); ΔPSNR against the codec's row of the same image."""
+    base = {r.image: r.psnr for r in rows if r.method == CODEC_METHOD}
+    groups: dict[tuple[str, float], list[CorrDiffResult]] = {}
+    for r in rows:
+        groups.setdefault((r.method, -1.0 if math.isnan(r.perception) else r.perception), []).append(r)
+    summary = []
+    for (method, p), group in groups.items():
+        def mean(field: str) -> float:
+            return statistics.fmean(getattr(r, field) for r in group)
+
+        summary.append(CorrDiffSummary(
+            method=method, perception=math.nan if p < 0 else p, images=len(group), bpp=mean("bpp"),
+            coefficient_bytes=mean("coefficient_bytes"), psnr=mean("psnr"),
+            delta_psnr=statistics.fmean(r.psnr - base[r.image] for r in group), ms_ssim=mean("ms_ssim"),
+            hf_ratio=mean("hf_ratio"), mean_lambda=mean("mean_lambda"), encode_seconds=mean("encode_seconds"),
+            decode_seconds=mean("decode_seconds"),
+        ))
+    return summary
+
+
+def render_markdown(summary: Sequence[CorrDiffSummary], metadata: dict[str, Any]) -> str:
+    lines = [
+        "| method | p | bpp | coeff. bytes | PSNR (dB) | ΔPSNR (dB) | MS-SSIM | HF ratio | mean λ | encode (s) | decode (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in summary:
+        p = "–" if math.isnan(s.perception) else f"{s.perception:g}"
+        lam = "–" if math.isnan(s.mean_lambda) else f"{s.mean_lambda:.3f}"
+        lines.append(
+            f"| {s.method} | {p} | {s.bpp:.4f} | {s.coefficient_bytes:.0f} | {s.psnr:.3f} | {s.delta_psnr:+.3f} | "
+            f"{s.ms_ssim:.4f} | {s.hf_ratio:.3f} | {lam} | {s.encode_seconds:.2f} | {s.decode_seconds:.2f} |"
+        )
+    header = (f"Codec {metadata['codec']}; images: {', '.join(metadata['images'])}. Command: `{metadata['command']}`, "
+              f"{metadata['date']}, on {metadata['machine']}.")
+    return "\n".join([header, "", *lines, "", str(metadata["perceptual"])]) + "\n"
+
+
+def write_outputs(output: Path, rows: Sequence[CorrDiffResult], metadata: dict[str, Any]) -> tuple[Path, ...]:
+    output.mkdir(parents=True, exist_ok=True)
+    summary = summarise(rows)
+    encoded = {k: json.dumps(v, default=str) for k, v in metadata.items()}
+    results = pa.Table.from_pylist([asdict(r) for r in rows], schema=arrow_schema(CorrDiffResult))
+    results = results.replace_schema_metadata(encoded)
+    table = pa.Table.from_pylist([asdict(s) for s in summary], schema=arrow_schema(CorrDiffSummary))
+    written = [
+        _write(output / "results.parquet", lambda h: pq.write_table(results, h, compression="zstd")),
+        _write(output / "results.csv", lambda h: pacsv.write_csv(results, h)),
+        _write(output / "summary.csv", lambda h: pacsv.write_csv(table, h)),
+        _write(output / "summary.md", lambda h: h.write(render_markdown(summary, metadata).encode())),
+    ]
+    points = sweep_rows(summary)
+    for y, name, title in (("psnr", "corrdiff_psnr_vs_p.png", "PSNR"),
+                           ("ms_ssim", "corrdiff_msssim_vs_p.png", "MS-SSIM"),
+                           ("hf_ratio", "corrdiff_hf_vs_p.png", "high-frequency energy ratio (1 = original)")):
+        written.append(plot_sweep(points, path=output / name, x="perception", y=y, group="method",
+                                  title=f"CorrDiff knob: {title} vs perception p (baselines flat)"))
+    corr = [asdict(s) for s in summary if s.method == CORRDIFF_METHOD]
+    written.append(plot_sweep(corr, path=output / "corrdiff_psnr_vs_hf.png", x="hf_ratio", y="psnr",
+                              annotate="perception", title="CorrDiff: distortion vs detail along the knob (labels: p)"))
+    return tuple(written)
+
+
+def sweep_rows(summary: Sequence[CorrDiffSummary]) -> list[dict[str, Any]]:
+    """Summary points for the sweep plots: rows without the knob drawn flat across the p values."""
+    ps = sorted({s.perception for s in summary if not math.isnan(s.perception)})
+    points = []
+    for s in summary:
+        if math.isnan(s.perception):
+            points.extend({**asdict(s), "perception": p} for p in ps or [0.0])
+        else:
+            points.append(asdict(s))
+    return points
+
+
+def _write(path: Path, write) -> Path:
+    with atomic_writer(str(path)) as handle:
+        write(handle)
+    return path
+
+
+def _elapsed(started: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
