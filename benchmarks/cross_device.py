@@ -17,9 +17,9 @@ For every registry model (each is a shipped rate point) over the images of a dir
 (3) What the integer path removes. The float path's entropy parameters are recomputed under
     perturbations representative of cross-device float differences (h_s in float64; with TF32
     convolutions, a GPU's default; ±1 ulp noise on its outputs; other thread counts, batch
-    compositions and devices, for real); CompressAI's y strings are then decoded with the perturbed parameters. Counted per
-    image: a changed table index (the rANS stream desynchronises), a changed mean (ŷ differs),
-    and whether the decoded symbols actually differ (measured desync).
+    compositions and devices, for real); CompressAI's y strings are then decoded with the perturbed
+    parameters. Counted per image: a changed table index (the rANS stream desynchronises), a
+    changed mean (ŷ differs), and whether the decoded symbols actually differ (measured desync).
 
 Prints a table and writes everything (with machine and date) as JSON.
 """
@@ -240,7 +240,8 @@ def perturbations(model: CodecModel, path: FloatPath, others: list[torch.Tensor]
         if same_shape:
             batch = torch.cat([path.z_hat, *same_shape])
             scales, means = hyper_parameters(model, batch)
-            out[f"h_s float32, batch of {batch.shape[0]} (measured)"] = (scales[:1], None if means is None else means[:1])
+            label = "h_s float32, batched with other images (measured)"
+            out[label] = (scales[:1], None if means is None else means[:1])
         for device in devices:
             if device != "cpu":
                 net.h_s.to(device)
@@ -473,7 +474,8 @@ def render(report: dict[str, Any]) -> str:
             f"    same float parameters, ncpipe rANS        {r['float_params_ncpipe_coder_bpp']:.4f}  "
             f"({100 * r['coder_difference']:+.2f} % coder)",
             f"    ncpipe coded streams (integer h_s)        {r['ncpipe_coded_bpp']:.4f}  "
-            f"({100 * r['integer_h_s_cost']:+.2f} % integer h_s; {100 * r['coded_vs_compressai']:+.2f} % vs CompressAI)",
+            f"({100 * r['integer_h_s_cost']:+.2f} % integer h_s; "
+            f"{100 * r['coded_vs_compressai']:+.2f} % vs CompressAI)",
             f"    ncpipe container (header, lengths, CRCs)  {r['ncpipe_container_bpp']:.4f}",
             f"    ncpipe total                              {r['ncpipe_bpp']:.4f}  "
             f"({100 * r['total_vs_compressai']:+.2f} % vs CompressAI)",
@@ -481,7 +483,7 @@ def render(report: dict[str, Any]) -> str:
         ]
         for label, c in result["float_path_perturbations"].items():
             lines.append(
-                f"    {label:40s} index changed {c['images_index_changed']}/{c['images']}, "
+                f"    {label:52s} index changed {c['images_index_changed']}/{c['images']}, "
                 f"decode desynced {c['images_desynced']}/{c['images']}, "
                 f"ŷ differs {c['images_latents_differ']}/{c['images']} "
                 f"({c['index_changes']} index / {c['mean_changes']} mean changes in {c['elements']} elements)"

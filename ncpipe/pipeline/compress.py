@@ -39,6 +39,7 @@ from ncpipe.pipeline.stages import ShapeBatcher, map_ordered, read_ahead
 log = logging.getLogger(__name__)
 
 BITSTREAM_EXTENSION = "ncb"
+EMPTY_SHARD_ERROR = "empty shard: the tar holds no samples"
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,8 @@ class ShardCompressor:
             rows = [self._shard_error_row(task, stats.shard_error)]
             with atomic_writer(task.shard_url) as handle, TarShardWriter(handle):
                 pass
+        if not rows:  # an empty tar: one row says so, or the input would leave no trace
+            rows = [dataclasses.replace(self._shard_error_row(task, ""), error=EMPTY_SHARD_ERROR)]
         write_manifest_part(rows, task.manifest_url, self._part_metadata(task))
         self.on_progress(len(rows) - self._reported)
         stats.samples = len(rows)

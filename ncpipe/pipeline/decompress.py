@@ -143,7 +143,7 @@ class ShardDecompressor:
         stats.ok = stats.samples - stats.errors
         stats.seconds = time.perf_counter() - started
         marker = {"input_url": redact(task.input_url), "fingerprint": task.fingerprint, "job_id": task.job_id,
-                  "samples": stats.samples, "errors": stats.errors}
+                  "samples": stats.samples, "errors": stats.errors, "seconds": round(stats.seconds, 3)}
         write_bytes_atomic(task.commit_url, json.dumps(marker, indent=2).encode())
         return stats
 
@@ -214,7 +214,7 @@ class ShardDecompressor:
 def _refused_message(refused: list[str]) -> str | None:
     if not refused:
         return None
-    return f"not written (name would escape the output directory): {', '.join(refused)}"
+    return f"not written: {', '.join(refused)}"
 
 
 class _TarSink:
@@ -239,10 +239,12 @@ class _TarSink:
 
 
 class _DirectorySink:
-    """Writes restored samples as files under a directory; refuses names that would escape it."""
+    """Writes restored samples as files under a directory; refuses names that would escape it,
+    and names an earlier sample of the shard already wrote (a duplicate key must not overwrite)."""
 
     def __init__(self, url: str):
         self.url = url
+        self.written: set[str] = set()
 
     def __enter__(self) -> "_DirectorySink":
         return self
@@ -251,16 +253,20 @@ class _DirectorySink:
         return None
 
     def write_sample(self, sample: Sample, replace: _Replacement | None) -> tuple[str, list[str]]:
-        """Returns where the sample went and the names refused as unsafe."""
+        """Returns where the sample went (printable) and the names refused, each with why."""
         written, refused = [], []
         for name, data in _members_out(sample, replace):
             relative = safe_relative_path(name)
             if relative is None:
-                refused.append(_printable(name))
+                refused.append(f"{_printable(name)} (name would escape the output directory)")
+                continue
+            if relative in self.written:
+                refused.append(f"{_printable(name)} (already written by an earlier sample: duplicate key)")
                 continue
             write_bytes_atomic(join_url(self.url, relative), data)
+            self.written.add(relative)
             written.append(relative)
-        return redact(join_url(self.url, written[0]) if written else self.url), refused
+        return redact(_printable(join_url(self.url, written[0]) if written else self.url)), refused
 
 
 @dataclass(frozen=True)

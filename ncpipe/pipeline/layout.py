@@ -114,3 +114,7 @@ class RestoreLayout:
     @property
     def manifest_dir(self) -> str:
         return join_url(self.root, "_restore_manifest")
+
+    @property
+    def commits_dir(self) -> str:
+        return join_url(self.root, "_commits")

@@ -45,6 +45,7 @@ from ncpipe.pipeline.compress import BITSTREAM_EXTENSION, _printable
 from ncpipe.pipeline.layout import ArchiveLayout, GenerationLayout
 
 HEADER_CHUNK = "header"
+EXTENSIONS_CHUNK = "extensions"
 _U32 = struct.Struct("<I")
 _IN_FLIGHT_PER_THREAD = 4  # bitstreams queued per checking thread: bounds memory on big shards
 _TRUNCATED_TAR = "truncated or corrupt tar"  # how ncpipe.io.tar_reader reports a broken archive
@@ -129,13 +130,18 @@ class BitstreamCheck:
     damage: tuple[tuple[str, str], ...]  # (chunk name, what is wrong)
 
 
-def _chunk_frames(data: bytes, header: fmt.BitstreamHeader) -> tuple[list[tuple[str, bytes | None]], list[tuple[str, str]]]:
-    """Walk ``u32 length · payload · u32 CRC32`` frames (docs/bitstream.md), past damaged ones.
+Frames = list[tuple[str, bytes | None]]  # (chunk name, payload; None: damaged)
+Damage = list[tuple[str, str]]  # (chunk name, what is wrong)
+
+
+def _chunk_frames(data: bytes, header: fmt.BitstreamHeader) -> tuple[Frames, Damage]:
+    """Walk ``u32 length · payload · u32 CRC32`` frames (docs/bitstream.md), past damaged ones,
+    then a version-2 bitstream's extensions.
 
     ``fmt.parse`` stops at the first failure; this reports every chunk whose CRC fails, so a
     report can say exactly which parts of an image are lost. Payload None: the chunk is damaged."""
-    frames: list[tuple[str, bytes | None]] = []
-    damage: list[tuple[str, str]] = []
+    frames: Frames = []
+    damage: Damage = []
     offset = fmt.HEADER_SIZE
     for index in range(1 + header.num_y_chunks):
         name = fmt._chunk_name(header, index)
@@ -154,6 +160,12 @@ def _chunk_frames(data: bytes, header: fmt.BitstreamHeader) -> tuple[list[tuple[
         else:
             frames.append((name, payload))
         offset = end + _U32.size
+    if header.version >= 2:  # extensions (decoder side information), each with its own CRC32
+        try:
+            _, offset = fmt._read_extensions(memoryview(data), offset)
+        except fmt.BitstreamError as err:
+            damage.append((EXTENSIONS_CHUNK, str(err)))
+            return frames, damage
     if offset != len(data):
         damage.append(("trailer", f"{len(data) - offset} unexpected bytes after the last chunk"))
     return frames, damage
@@ -240,7 +252,8 @@ def locate_generation(url: str) -> tuple[GenerationLayout, dict[str, Any], list[
     elif exists(GenerationLayout(url).job_file):
         generation = GenerationLayout(url)
     else:
-        candidates = sorted(p for p in _relative_files(url) if posixpath.basename(p) == "job.json" and p.count("/") == 1)
+        candidates = sorted(p for p in _relative_files(url)
+                            if posixpath.basename(p) == "job.json" and p.count("/") == 1)
         if not candidates:
             raise ConfigError(f"{redact(url)} is not an ncpipe archive (no CURRENT file and no job.json)")
         generation = archive.generation(posixpath.dirname(candidates[-1]))
@@ -314,7 +327,8 @@ class _ShardVerifier:
             return []
         fingerprint = part_metadata(table).get("ncpipe_fingerprint")
         if fingerprint != self.job.get("fingerprint"):
-            self.problem(f"manifest part fingerprint {fingerprint} is not the generation's {self.job.get('fingerprint')}")
+            self.problem(f"manifest part fingerprint {fingerprint} is not the generation's "
+                         f"{self.job.get('fingerprint')}")
         return rows
 
     def _check_marker(self, rows: list[dict[str, Any]]) -> None:
@@ -346,7 +360,7 @@ class _ShardVerifier:
                                                    and row["compressed_bytes"] is not None):
                 self.problem("ok row without size, model or compressed_bytes", key=row["key"])
 
-    def _expected_members(self, rows: list[dict[str, Any]]) -> tuple[Counter, dict[str, str], dict[str, dict[str, Any]]]:
+    def _expected_members(self, rows: list[dict[str, Any]]) -> tuple[Counter, dict[str, str], dict[str, dict]]:
         """Member names (as the manifest prints them) the tar must hold, their keys, and ok rows by .ncb name."""
         expected: Counter = Counter()
         key_of: dict[str, str] = {}
@@ -417,7 +431,8 @@ class _ShardVerifier:
         self.result.bitstreams += 1
         before = len(self.result.problems)
         if row["compressed_bytes"] != len(data):
-            self.problem(f"member is {len(data)} bytes, manifest compressed_bytes says {row['compressed_bytes']}", key=key)
+            self.problem(f"member is {len(data)} bytes, manifest compressed_bytes says {row['compressed_bytes']}",
+                         key=key)
         for chunk, message in check.damage:
             self.problem(message, key=key, chunk=chunk)
         header = check.header
@@ -537,5 +552,6 @@ def _archive_problems(generation: GenerationLayout, job: dict[str, Any], rows: l
     ok = sum(row["status"] == STATUS_OK for row in rows)
     for name, value in {"samples": len(rows), "ok": ok, "errors": len(rows) - ok, "shards": committed}.items():
         if summary.get(name) != value:
-            problems.append(Problem("archive", f"summary.json says {name}={summary.get(name)!r}, the shards hold {value}"))
+            problems.append(Problem("archive",
+                                    f"summary.json says {name}={summary.get(name)!r}, the shards hold {value}"))
     return problems

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import pytest
 
 FAULT_SECRET = "fault-secret-value-0123456789"
 FAULT_ACCESS_KEY_ID = "fault-access-key-id-AKIA0123"
+log = logging.getLogger(__name__)
 
 
 def run_jobs_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -39,7 +41,8 @@ def run_jobs_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
         for task in tasks:
             try:
                 outcome.results.append(worker.run(task))
-            except Exception as err:  # as the distributor records a task's failure
+            except Exception as err:  # as the distributor records a task's failure (no redaction here:
+                log.error("shard %s failed: %s", task.input_url, err)  # tests check the worker's own)
                 outcome.failures.append(ShardFailure(task, str(err)))
         return outcome
 
@@ -93,7 +96,8 @@ class FaultInjector:
         # The message names the caller's access key id, as real S3 errors can: it must be redacted.
         authorization = environ.get("HTTP_AUTHORIZATION", "")
         body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{rule.code}</Code>'
-                f"<Message>injected failure for {authorization[:80]}</Message><RequestId>0</RequestId></Error>")
+                f"<Message>{rule.code}: injected failure for {authorization[:80]}</Message>"
+                "<RequestId>0</RequestId></Error>")
         start_response(f"{rule.status} Injected", [("Content-Type", "application/xml"),
                                                     ("Content-Length", str(len(body)))])
         return [body.encode()]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import struct
@@ -20,7 +19,13 @@ from ncpipe.codec import LearnedCodec
 from ncpipe.config import CompressConfig
 from ncpipe.models.checkpoint import load_codec_model
 from ncpipe.pipeline.jobs import run_compress
-from ncpipe.reliability.verify import HEADER_CHUNK, VerifyOptions, check_bitstream, verify_archive
+from ncpipe.reliability.verify import (
+    EXTENSIONS_CHUNK,
+    HEADER_CHUNK,
+    VerifyOptions,
+    check_bitstream,
+    verify_archive,
+)
 from tests.factories import encoded, kodak_pixels
 from tests.helpers import member_offsets, tar_bytes
 from tests.reliability.support import run_jobs_in_process
@@ -102,6 +107,19 @@ def test_the_entropy_decode_gives_the_codecs_latents(archive, tiny_model_path):
     assert not check.damage
     np.testing.assert_array_equal(check.symbols.z, symbols.z)
     np.testing.assert_array_equal(check.symbols.y, symbols.y)
+    codec.close()
+
+
+def test_version_2_extensions_are_checked_too(archive, tiny_model_path):
+    codec = LearnedCodec(load_codec_model(tiny_model_path), CHUNK_CHANNELS, 1)
+    parsed = fmt.parse(_ncb(archive, "d-0", "s0/img1")[2])
+    coefficients = fmt.CorrectionCoefficients.quantize("ab" * 32, seed=7, bits=4, values=[0.1, 0.5, 0.9])
+    data = fmt.pack(fmt.Bitstream(parsed.header, parsed.z_stream, parsed.y_streams, (coefficients.to_extension(),)))
+    assert fmt.parse_header(data).version == 2
+    assert check_bitstream(data, codec).damage == () and check_bitstream(data, codec).symbols is not None
+    damaged = data[:-6] + bytes([data[-6] ^ 1]) + data[-5:]
+    (problem,) = check_bitstream(damaged, codec).damage
+    assert problem[0] == EXTENSIONS_CHUNK and "CRC32 mismatch in extension 0" in problem[1]
     codec.close()
 
 
