@@ -480,6 +480,7 @@ def run_recompress(config: RecompressConfig) -> RecompressSummary:
             selected=selection[shard_url], originals=config.originals, transcode_only=config.transcode_only,
         ))
     outcome = run_tasks(config.cluster, tasks, RecompressActor, config, "recompress")
+    clear_partials(generation.shards_dir, generation.manifest_dir, generation.commits_dir)
     failed = [redact(f.task.input_url) for f in outcome.failures]
     new_rows = [r for r in read_manifest(generation.manifest_dir).to_pylist() if r["recompress_source"]]
     losses = [r["psnr_vs_previous"] for r in new_rows if r["psnr_vs_previous"] is not None]
