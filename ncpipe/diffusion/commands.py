@@ -37,14 +37,16 @@ def register(subparsers) -> None:
         "bitstream with every refiner trained for that codec at each K (and with sample guidance for bridge "
         "refiners when --guidance > 0). Writes results.parquet/csv, summary.csv/md and plots to --output.",
     )
-    p.add_argument("--codec", action="append", required=True, help="registry name or checkpoint path (repeat per rate point)")
+    p.add_argument("--codec", action="append", required=True,
+                   help="registry name or checkpoint path (repeat per rate point)")
     p.add_argument("--refiner", action="append", type=_labelled_path, default=[], metavar="LABEL=PATH",
                    help="a refiner checkpoint and its method label (repeat); e.g. nc=runs/refiners/nc/refiner.pt")
     p.add_argument("--images", required=True, help="folder of evaluation images (e.g. ../shared/data/kodak)")
     p.add_argument("--limit", type=int, default=0, help="first N images by name (default: all)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--steps", type=_int_tuple, default=(1, 2, 4, 8), help="sampler steps K (default: 1,2,4,8)")
-    p.add_argument("--guidance", type=float, default=0.0, help="latent-consistency strength S for the guided variants (0: none)")
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="latent-consistency strength S for the guided variants (0: none)")
     p.add_argument("--guidance-low-frequency", type=float, default=0.0, help="low-frequency consistency weight w")
     p.add_argument("--guided", action="append", default=[], metavar="LABEL",
                    help="refiners to evaluate with guidance too (default: every bridge refiner)")
@@ -81,7 +83,8 @@ def register_train(train_subparsers) -> None:
     )
     p.add_argument("--codec", action="append", required=True,
                    help="registry name or checkpoint path; repeat for several rate points of one architecture")
-    p.add_argument("--data", action="append", required=True, help="training images (folder, file or shards); repeatable")
+    p.add_argument("--data", action="append", required=True,
+                   help="training images (folder, file or shards); repeatable")
     p.add_argument("--run-dir", required=True, help="training state and refiner.pt go here")
     p.add_argument("--baseline", choices=("gaussian",),
                    help="train the CDC-style Gaussian-start baseline (same U-Net, conditioned on x̂) instead")
@@ -92,12 +95,14 @@ def register_train(train_subparsers) -> None:
     net.add_argument("--time-embed-dim", type=int, default=128)
     net.add_argument("--no-affm", action="store_true", help="plain skip connections (the AFFM ablation)")
     net.add_argument("--latent-features", type=int, default=0, help="condition on F channels projected from ŷ (0: off)")
-    net.add_argument("--rate-conditioning", action="store_true", help="condition on log λ (one refiner for several rates)")
+    net.add_argument("--rate-conditioning", action="store_true",
+                     help="condition on log λ (one refiner for several rates)")
     proc = p.add_argument_group("process")
     proc.add_argument("--schedule", choices=("geometric", "linear", "polynomial"), default="geometric")
     proc.add_argument("--eta-min", type=float, default=0.05)
     proc.add_argument("--eta-power", type=float, default=1.0)
-    proc.add_argument("--train-schedule-steps", type=int, default=4, help="T: training draws η from the T-step schedule")
+    proc.add_argument("--train-schedule-steps", type=int, default=4,
+                      help="T: training draws η from the T-step schedule")
     proc.add_argument("--kappa", type=float, default=0.0, help="Gaussian term κ·sqrt(η)·ε of the bridge (0: none)")
     proc.add_argument("--parameterization", choices=("auto", "residual", "x0"), default="auto")
     proc.add_argument("--loss", choices=("l2", "l1"), default="l2")
@@ -119,10 +124,11 @@ def register_train(train_subparsers) -> None:
     p.set_defaults(handler=_train_refiner)
 
 
-def _train_refiner(args: argparse.Namespace) -> int:
-    from ncpipe.train.refiner_trainer import RefinerTrainConfig, train_refiner
+def train_refiner_config(args: argparse.Namespace):
+    """The ``RefinerTrainConfig`` of a ``train refiner`` command line."""
+    from ncpipe.train.refiner_trainer import RefinerTrainConfig
 
-    config = RefinerTrainConfig(
+    return RefinerTrainConfig(
         codecs=tuple(args.codec), data=tuple(args.data), run_dir=args.run_dir,
         process="gaussian" if args.baseline == "gaussian" else "bridge",
         base_channels=args.base_channels, channel_mults=args.channel_mults, blocks_per_level=args.blocks_per_level,
@@ -134,7 +140,12 @@ def _train_refiner(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed, device=args.device,
         amp=not args.no_amp, threads=args.threads, max_images=args.max_images, cache_dir=args.cache_dir,
     )
-    print(train_refiner(config))
+
+
+def _train_refiner(args: argparse.Namespace) -> int:
+    from ncpipe.train.refiner_trainer import train_refiner
+
+    print(train_refiner(train_refiner_config(args)))
     return 0
 
 

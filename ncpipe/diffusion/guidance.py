@@ -58,7 +58,8 @@ class GuidanceConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.strength <= 2.0:
-            raise ValueError(f"guidance strength must be in [0, 2] (1 = remove all of the first-order violation), got {self.strength}")
+            raise ValueError(f"guidance strength must be in [0, 2] (1 = remove all of the first-order violation), "
+                             f"got {self.strength}")
         if not 0.0 <= self.low_frequency <= 1.0:
             raise ValueError(f"low_frequency weight must be in [0, 1], got {self.low_frequency}")
         if self.low_pass < 1 or self.first_step < 0:

@@ -139,7 +139,8 @@ class DecodedBatch:
 
     def __post_init__(self) -> None:
         n = len(self.x_hat)
-        if not n or any(len(v) != n for v in (self.sizes, self.rates, self.codec_sha256, self.keys)) or self.y_hat.shape[0] != n:
+        lengths = {len(v) for v in (self.sizes, self.rates, self.codec_sha256, self.keys)} | {self.y_hat.shape[0]}
+        if not n or lengths != {n}:
             raise ValueError("a DecodedBatch needs one x̂, ŷ, size, rate, codec and key per image (and at least one)")
 
 

@@ -199,7 +199,8 @@ def _evaluate_image(codec: LearnedCodec, codec_name: str, methods: Sequence[_Met
             (refined,) = method.refiner.refine(decoded, k, method.guidance, codec=codec)
             _sync(codec.device)
             strength = method.guidance.strength if method.guidance else 0.0
-            rows.append(row(method.name, method.refiner.sha256 or "", k, strength, refined, time.perf_counter() - started))
+            seconds = time.perf_counter() - started
+            rows.append(row(method.name, method.refiner.sha256 or "", k, strength, refined, seconds))
     return rows
 
 
@@ -218,7 +219,7 @@ def summarise(rows: Sequence[RefinerResult]) -> list[SummaryRow]:
         groups.setdefault((r.codec, r.rate, r.method, r.steps), []).append(r)
     summary = []
     for (codec, rate, method, k), group in groups.items():
-        def mean(field: str) -> float:
+        def mean(field: str, group: list[RefinerResult] = group) -> float:
             return statistics.fmean(getattr(r, field) for r in group)
 
         summary.append(SummaryRow(

@@ -139,7 +139,9 @@ def decode_training_images(codec: LearnedCodec, images: Sequence[np.ndarray]) ->
     return decoded
 
 
-def decoded_training_set(codec: LearnedCodec, images: Sequence[np.ndarray], cache_dir: str | None) -> list[DecodedImage]:
+def decoded_training_set(
+    codec: LearnedCodec, images: Sequence[np.ndarray], cache_dir: str | None
+) -> list[DecodedImage]:
     """``decode_training_images``, read from / written to ``cache_dir`` when given.
 
     The cache file is named by a SHA-256 of the codec's identity and every image's pixels, so a
@@ -235,7 +237,8 @@ def train_refiner(config: RefinerTrainConfig) -> Path:
         images = images[: config.max_images]
     started = time.perf_counter()
     pools = [decoded_training_set(codec, images, config.cache_dir) for codec in codecs]
-    log.info("decoded %d training images with %d codec(s) in %.1f s", len(images), len(codecs), time.perf_counter() - started)
+    log.info("decoded %d training images with %d codec(s) in %.1f s", len(images), len(codecs),
+             time.perf_counter() - started)
     crops = AlignedCrops(pools, config.crop, config.seed + start)
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + start)
     amp_dtype = autocast_dtype(device, config.amp)
@@ -290,7 +293,9 @@ def _restore(refiner: Refiner, optimizer: torch.optim.Optimizer, run_dir: Path) 
     return int(state["step"])
 
 
-def _save(refiner: Refiner, optimizer: torch.optim.Optimizer, run_dir: Path, config: RefinerTrainConfig, step: int) -> None:
+def _save(
+    refiner: Refiner, optimizer: torch.optim.Optimizer, run_dir: Path, config: RefinerTrainConfig, step: int
+) -> None:
     state = {
         "format": TRAIN_STATE_FORMAT,
         "config": jsonable(asdict(config)),

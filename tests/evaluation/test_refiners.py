@@ -1,0 +1,88 @@
+"""``ncpipe evaluate-refiner`` end to end on two small images with tiny real models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from ncpipe.cli import main
+from ncpipe.diffusion.refiner import Refiner, RefinerConfig, TrainedCodec, save_refiner
+from ncpipe.diffusion.unet import UNetConfig
+from ncpipe.evaluation.refiners import CODEC_METHOD, RefinerEvalConfig, evaluate_refiners
+from ncpipe.models.checkpoint import load_codec_model
+from tests.factories import kodak_pixels
+
+UNET = UNetConfig(base_channels=8, channel_mults=(1, 2), time_embed_dim=32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def setup(tmp_path: Path, tiny_model_path: Path) -> dict[str, Path]:
+    images = tmp_path / "images"
+    images.mkdir()
+    for n in (1, 2):
+        Image.fromarray(kodak_pixels(n, (48, 64))).save(images / f"k{n}.png")
+    identity = load_codec_model(tiny_model_path).identity
+    mine = [TrainedCodec(identity.sha256, identity.arch, identity.rate)]
+    paths = {"images": images}
+    torch.manual_seed(0)
+    for label, config, codecs in (
+        ("nc", RefinerConfig(unet=UNET), mine),  # untrained: exactly the codec
+        ("gauss", RefinerConfig(unet=UNET, process="gaussian", parameterization="x0"), mine),
+        ("other", RefinerConfig(unet=UNET), [TrainedCodec("ee" * 32, identity.arch, 0.01)]),
+    ):
+        paths[label] = tmp_path / f"{label}.pt"
+        save_refiner(Refiner(config, codecs), paths[label], {})
+    return paths
+
+
+def test_evaluation_rows_same_bits_and_outputs(setup: dict[str, Path], tiny_model_path: Path, tmp_path: Path) -> None:
+    config = RefinerEvalConfig(
+        codecs=(str(tiny_model_path),), images=str(setup["images"]), output=str(tmp_path / "out"), steps=(1, 2),
+        refiners=tuple((k, str(setup[k])) for k in ("nc", "gauss", "other")), guidance=0.5, device="cpu",
+    )
+    rows, written = evaluate_refiners(config, command="test")
+    methods = {r.method for r in rows}
+    assert methods == {CODEC_METHOD, "nc", "nc+guidance", "gauss"}  # "other" is for another codec: skipped
+    assert len(rows) == 2 * (1 + 3 * 2)
+    for image in ("k1.png", "k2.png"):
+        mine = [r for r in rows if r.image == image]
+        assert len({r.bpp for r in mine}) == 1 and len({r.num_bytes for r in mine}) == 1
+        base = next(r for r in mine if r.method == CODEC_METHOD)
+        for r in mine:
+            if r.method == "nc":  # the untrained residual refiner returns x̂ exactly
+                assert r.psnr == base.psnr and r.outside_bin == base.outside_bin
+            if r.method == "nc+guidance":
+                assert r.guidance == 0.5 and r.outside_bin < base.outside_bin
+            if r.method != CODEC_METHOD:
+                assert r.decode_seconds >= r.refine_seconds > 0
+    names = {p.name for p in written}
+    assert {"results.parquet", "results.csv", "summary.csv", "summary.md", "psnr_vs_steps.png",
+            "decode_time_vs_steps.png"} <= names
+    table = pq.read_table(tmp_path / "out" / "results.parquet")
+    assert table.num_rows == len(rows) and b"images" in table.schema.metadata
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| nc+guidance | 2 |" in summary and "k1.png, k2.png" in summary
+
+
+def test_command_line(setup: dict[str, Path], tiny_model_path: Path, tmp_path: Path) -> None:
+    code = main(["-q", "evaluate-refiner", "--codec", str(tiny_model_path), "--refiner", f"nc={setup['nc']}",
+                 "--images", str(setup["images"]), "--limit", "1", "--steps", "1", "-o", str(tmp_path / "cli"),
+                 "--device", "cpu"])
+    assert code == 0
+    rows = pq.read_table(tmp_path / "cli" / "results.parquet").to_pylist()
+    assert [(r["method"], r["steps"]) for r in rows] == [(CODEC_METHOD, 0), ("nc", 1)]
+    with pytest.raises(SystemExit):
+        main(["evaluate-refiner", "--codec", "x", "--refiner", "no-equals-sign", "--images", "i", "-o", "o"])
