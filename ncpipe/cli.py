@@ -91,6 +91,11 @@ def _add_decompress(sub) -> None:
     p.add_argument("--to", choices=("shards", "directory"), default="shards",
                    help="write tar shards of PNGs (default) or plain files under <output>/<shard>/")
     p.add_argument("-m", "--model", help="checkpoint or registry name to decode with (default: the one each bitstream names)")
+    p.add_argument("--refiner", help="NC-Diffusion refiner checkpoint applied to the codec's reconstruction "
+                   "(trained for that codec; see ncpipe train refiner)")
+    p.add_argument("--steps", type=int, default=4, help="refiner sampling steps K (default: 4)")
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="zero-shot latent-consistency guidance strength S in [0, 2] (default: 0, off)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="clear the output location first")
@@ -103,7 +108,8 @@ def _decompress(args: argparse.Namespace) -> int:
     from ncpipe.pipeline.jobs import run_decompress
 
     config = DecompressConfig(
-        inputs=tuple(args.inputs), output=args.output, model=args.model, to=args.to,
+        inputs=tuple(args.inputs), output=args.output, model=args.model, to=args.to, refiner=args.refiner,
+        refine_steps=args.steps, guidance=args.guidance,
         batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
         max_pixels=args.max_pixels, cluster=_cluster(args),
     )

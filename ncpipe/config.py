@@ -113,6 +113,9 @@ class DecompressConfig:
     output: str
     model: str | None = None  # None: the model the archive's manifest names
     to: str = "shards"  # "shards" (WebDataset tars of PNGs) or "directory" (files)
+    refiner: str | None = None  # an NC-Diffusion refiner checkpoint applied after the codec's synthesis
+    refine_steps: int = 4
+    guidance: float = 0.0  # zero-shot sample-guided enhancement strength S (0: off)
     batch_size: int = 8
     device: str = "auto"
     overwrite: bool = False
@@ -124,6 +127,9 @@ class DecompressConfig:
             raise ConfigError("inputs: an archive or bitstream shards are required")
         if self.to not in ("shards", "directory"):
             raise ConfigError(f"to: must be 'shards' or 'directory', not {self.to!r}")
+        if not 0.0 <= self.guidance <= 2.0:
+            raise ConfigError(f"guidance: must be in [0, 2], got {self.guidance!r}")
+        _positive(self, "refine_steps")
         _positive(self, "batch_size")
         _positive(self, "max_pixels")
 

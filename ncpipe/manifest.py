@@ -75,9 +75,12 @@ class RestoreRow:
     width: int | None = field(default=None, metadata=_arrow(pa.int32()))
     height: int | None = field(default=None, metadata=_arrow(pa.int32()))
     model_sha256: str | None = None
-    decode_seconds: float | None = None
+    decode_seconds: float | None = None  # entropy decoding + synthesis (+ refinement) share
     status: str = STATUS_OK
     error: str | None = None
+    refiner_sha256: str | None = None  # the diffusion refiner applied, if any
+    refine_steps: int | None = field(default=None, metadata=_arrow(pa.int32()))
+    guidance: float | None = None  # zero-shot guidance strength S, if any
 
 
 _PYTHON_TO_ARROW = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(),

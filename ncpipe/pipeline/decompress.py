@@ -23,6 +23,8 @@ import torch
 from ncpipe import bitstream as fmt
 from ncpipe.codec import LatentSymbols, LearnedCodec, ModelMismatchError, to_uint8_image
 from ncpipe.config import DecompressConfig
+from ncpipe.diffusion.guidance import GuidanceConfig
+from ncpipe.diffusion.refiner import RefinerMismatchError, decoded_batch, load_refiner
 from ncpipe.images import encode_png, restore_image
 from ncpipe.io.storage import atomic_writer, write_bytes_atomic
 from ncpipe.io.tar_reader import Sample, ShardUnreadable, TarMember, iter_samples
@@ -122,6 +124,8 @@ class ShardDecompressor:
         self.on_progress = on_progress
         given = (config.model,) if config.model else ()
         self.models = CodecCache(device, threads, given, only_given=bool(config.model))
+        self.refiner = load_refiner(config.refiner, device) if config.refiner else None
+        self.guidance = GuidanceConfig(strength=config.guidance) if config.guidance else None
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="restore")
 
     # -- one shard ------------------------------------------------------------------
@@ -183,7 +187,15 @@ class ShardDecompressor:
 
     def _synthesise_and_write(self, task: RestoreTask, batch: list[_Parsed], sink, rows: list[RestoreRow]) -> None:
         started = time.perf_counter()
-        images = batch[0].codec.synthesise([p.header for p in batch], [p.symbols for p in batch])
+        codec, headers, symbols = batch[0].codec, [p.header for p in batch], [p.symbols for p in batch]
+        images = codec.synthesise(headers, symbols)
+        refine_error = None
+        if self.refiner is not None:
+            try:
+                images = self.refiner.refine(decoded_batch(codec, headers, symbols, images), self.config.refine_steps,
+                                             self.guidance, codec=codec)
+            except RefinerMismatchError as err:  # keep the codec's own reconstruction, and say so
+                refine_error = f"not refined: {err}"
         pngs = list(self.pool.map(
             lambda pair: encode_png(restore_image(to_uint8_image(pair[1]), pair[0].header.source_mode)),
             zip(batch, images),
@@ -197,9 +209,16 @@ class ShardDecompressor:
                 member=_printable(item.member.name), output=written, width=item.header.width,
                 height=item.header.height, model_sha256=item.header.model_sha256,
                 decode_seconds=item.seconds + share,
-                status=STATUS_ERROR if refused else STATUS_OK,
-                error=_refused_message(refused),
+                status=STATUS_ERROR if refused or refine_error else STATUS_OK,
+                error="; ".join(filter(None, [refine_error, _refused_message(refused)])) or None,
+                **self.refinement_columns(refine_error),
             ))
+
+    def refinement_columns(self, refine_error: str | None) -> dict:
+        if self.refiner is None or refine_error:
+            return {}
+        return {"refiner_sha256": self.refiner.sha256, "refine_steps": self.config.refine_steps,
+                "guidance": self.guidance.strength if self.guidance else None}
 
     def _write_through(self, task: RestoreTask, item: _Parsed, sink, rows: list[RestoreRow]) -> None:
         written, refused = sink.write_sample(item.sample, None)

@@ -334,7 +334,8 @@ def run_decompress(config: DecompressConfig) -> RestoreSummary:
         raise ConfigError(f"no bitstream shards found in {[redact(s) for s in config.inputs]}")
     check_model_available(job, config.model)
     fingerprint = hashlib.sha256(json.dumps(
-        {"to": config.to, "model": config.model, "max_pixels": config.max_pixels}, sort_keys=True
+        {"to": config.to, "model": config.model, "max_pixels": config.max_pixels, "refiner": config.refiner,
+         "refine_steps": config.refine_steps, "guidance": config.guidance}, sort_keys=True
     ).encode()).hexdigest()[:16]
     job_id = new_job_id(fingerprint)
     restore = RestoreLayout(config.output)

@@ -145,10 +145,18 @@ def _restore(adapter, main_opt, aux_opt, run_dir: Path, config: CodecTrainConfig
         log.info("resuming %s at step %d", run_dir, state["step"])
         return int(state["step"])
     if config.init_from:
-        init = torch.load(config.init_from, map_location="cpu", weights_only=True)
-        adapter.model.load_state_dict(init["model"])
-        log.info("initialised from %s (step %d)", config.init_from, init["step"])
+        adapter.model.load_state_dict(_initial_weights(config.init_from))
+        log.info("initialised from %s", config.init_from)
     return 0
+
+
+def _initial_weights(path: str) -> dict:
+    """The weights of another run's train_state.pt or of a released checkpoint (model.pt)."""
+    init = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if key in init:
+            return init[key]
+    raise ConfigError(f"init_from: {path} is neither a training state nor a released checkpoint")
 
 
 def _save(adapter, main_opt, aux_opt, run_dir: Path, config: CodecTrainConfig, step: int) -> None:

@@ -67,7 +67,7 @@ TRAIN_CODEC_FLAGS: dict[str, dict[str, Any]] = {
     "device": dict(help="auto (GPU when present), cpu or cuda[:N]"),
     "amp": dict(action=argparse.BooleanOptionalAction, help="bfloat16 mixed precision for the transforms (GPU only)"),
     "threads": dict(type=int, help="torch CPU threads (0: torch's default)"),
-    "init_from": dict(metavar="TRAIN_STATE", help="start from another run's train_state.pt (weights only)"),
+    "init_from": dict(metavar="CHECKPOINT", help="start from the weights of another run's train_state.pt or a released model.pt"),
 }
 
 
