@@ -53,13 +53,22 @@ def _add_compress(sub) -> None:
     p.add_argument("inputs", nargs="+", help="shard URLs, brace patterns (data-{000..009}.tar), globs or "
                    "directories; local paths, file:// or s3:// (AWS env/config for credentials and endpoint)")
     p.add_argument("-o", "--output", required=True, help="archive location (local path or URL)")
-    p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"registry name or checkpoint path (default: {DEFAULT_MODEL})")
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL,
+                   help=f"registry name or checkpoint path (default: {DEFAULT_MODEL})")
     p.add_argument("--batch-size", type=int, default=8, help="images per device batch (default: 8)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda[:N] (default: auto)")
     p.add_argument("--overwrite", action="store_true", help="replace output made with a different configuration")
-    p.add_argument("--no-metrics", action="store_true", help="skip per-image PSNR/MS-SSIM (saves one synthesis per image)")
+    p.add_argument("--no-metrics", action="store_true",
+                   help="skip per-image PSNR/MS-SSIM (saves one synthesis per image)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images declaring more pixels (default: {DEFAULT_MAX_PIXELS})")
+    corrdiff = p.add_argument_group("CorrDiff (docs/corrdiff.md)")
+    corrdiff.add_argument("--corrdiff", metavar="DECODER_CHECKPOINT",
+                          help="also compute this CorrDiff decoder's correction coefficients and write them into "
+                          "each bitstream (version 2; about 50 bytes an image); the decoder must be the codec's")
+    corrdiff.add_argument("--corrdiff-steps", type=int, help="sampler steps K, one coefficient each (default: the "
+                          "decoder's)")
+    corrdiff.add_argument("--corrdiff-bits", type=int, help="bits per coefficient b (default: the decoder's)")
     _add_cluster_options(p)
     p.set_defaults(handler=_compress)
 
@@ -70,7 +79,8 @@ def _compress(args: argparse.Namespace) -> int:
     config = CompressConfig(
         inputs=tuple(args.inputs), output=args.output, model=args.model, batch_size=args.batch_size,
         device=args.device, overwrite=args.overwrite, metrics=not args.no_metrics,
-        max_pixels=args.max_pixels, cluster=_cluster(args),
+        max_pixels=args.max_pixels, corrdiff=args.corrdiff, corrdiff_steps=args.corrdiff_steps,
+        corrdiff_bits=args.corrdiff_bits, cluster=_cluster(args),
     )
     summary = run_compress(config)
     print(summary.text())
@@ -90,12 +100,21 @@ def _add_decompress(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="where restored shards (or directories) go")
     p.add_argument("--to", choices=("shards", "directory"), default="shards",
                    help="write tar shards of PNGs (default) or plain files under <output>/<shard>/")
-    p.add_argument("-m", "--model", help="checkpoint or registry name to decode with (default: the one each bitstream names)")
+    p.add_argument("-m", "--model",
+                   help="checkpoint or registry name to decode with (default: the one each bitstream names)")
     p.add_argument("--refiner", help="NC-Diffusion refiner checkpoint applied to the codec's reconstruction "
                    "(trained for that codec; see ncpipe train refiner)")
     p.add_argument("--steps", type=int, default=4, help="refiner sampling steps K (default: 4)")
     p.add_argument("--guidance", type=float, default=0.0,
                    help="zero-shot latent-consistency guidance strength S in [0, 2] (default: 0, off)")
+    p.add_argument("--decoder", choices=("codec", "corrdiff"), default="codec",
+                   help="codec: the end-to-end decoder (default); corrdiff: the CorrDiff diffusion decoder, corrected "
+                   "by the coefficients in each bitstream (needs --corrdiff)")
+    p.add_argument("--corrdiff", metavar="DECODER_CHECKPOINT",
+                   help="the CorrDiff decoder the archive was compressed for (compress --corrdiff)")
+    p.add_argument("--perception", type=float, default=0.5,
+                   help="CorrDiff's distortion-perception knob p in [0, 1]: 0 = the codec's reconstruction, 0.5 = "
+                   "as the encoder optimised (default), 1 = the uncorrected diffusion sample")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="clear the output location first")
@@ -109,8 +128,8 @@ def _decompress(args: argparse.Namespace) -> int:
 
     config = DecompressConfig(
         inputs=tuple(args.inputs), output=args.output, model=args.model, to=args.to, refiner=args.refiner,
-        refine_steps=args.steps, guidance=args.guidance,
-        batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
+        refine_steps=args.steps, guidance=args.guidance, decoder=args.decoder, corrdiff=args.corrdiff,
+        perception=args.perception, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
         max_pixels=args.max_pixels, cluster=_cluster(args),
     )
     summary = run_decompress(config)
@@ -150,8 +169,8 @@ def _recompress(args: argparse.Namespace) -> int:
     summary = run_recompress(RecompressConfig(
         archive=args.archive, model=args.model, older_than_model=args.older_than_model,
         min_psnr=args.min_psnr, max_bpp=args.max_bpp, originals=args.originals,
-        transcode_only=args.transcode, decode_models=tuple(args.decode_model), dry_run=args.dry_run, batch_size=args.batch_size,
-        device=args.device, cluster=_cluster(args),
+        transcode_only=args.transcode, decode_models=tuple(args.decode_model), dry_run=args.dry_run,
+        batch_size=args.batch_size, device=args.device, cluster=_cluster(args),
     ))
     print(summary.text())
     return 0 if summary.complete else 1
@@ -170,7 +189,8 @@ def _demo(args: argparse.Namespace) -> int:
     from ncpipe.pipeline.jobs import run_compress, run_decompress
 
     archive, restored = f"{args.output}/archive", f"{args.output}/restored"
-    compressed = run_compress(CompressConfig(inputs=(str(DEMO_SHARDS),), output=archive, device=args.device, overwrite=True))
+    compressed = run_compress(CompressConfig(inputs=(str(DEMO_SHARDS),), output=archive, device=args.device,
+                                             overwrite=True))
     print("== compress ==")
     print(compressed.text())
     restore = run_decompress(DecompressConfig(inputs=(archive,), output=restored, device=args.device, overwrite=True))
@@ -203,6 +223,7 @@ COMMAND_MODULES = (
     "ncpipe.reliability.commands",
     "ncpipe.operations.commands",
     "ncpipe.diffusion.commands",
+    "ncpipe.diffusion.corrdiff_commands",
 )
 CORE_COMMANDS: Sequence[Callable] = (_add_compress, _add_decompress, _add_recompress, _add_demo, _add_models)
 

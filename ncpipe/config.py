@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ncpipe.bitstream import MAX_CORRECTION_STEPS
 from ncpipe.errors import NcpipeError
 from ncpipe.images import DEFAULT_MAX_PIXELS
 
@@ -49,6 +50,11 @@ class CompressConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     y_chunk_channels: int = 32
     coder_threads: int | None = None  # entropy-coding threads per worker; None: its CPUs
+    # CorrDiff: a decoder checkpoint whose correction coefficients the encoder computes and writes
+    # into each bitstream (version 2); steps K and bits b default to the decoder's own.
+    corrdiff: str | None = None
+    corrdiff_steps: int | None = None
+    corrdiff_bits: int | None = None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
@@ -59,8 +65,13 @@ class CompressConfig:
         for name in ("batch_size", "max_pixels", "y_chunk_channels"):
             _positive(self, name)
         _positive(self, "coder_threads", allow_none=True)
+        _in_range(self, "corrdiff_steps", 1, MAX_CORRECTION_STEPS, allow_none=True)
+        _in_range(self, "corrdiff_bits", 1, 8, allow_none=True)
+        for name in ("corrdiff_steps", "corrdiff_bits"):
+            if getattr(self, name) is not None and not self.corrdiff:
+                raise ConfigError(f"{name}: only applies with corrdiff (the CorrDiff decoder checkpoint)")
 
-    def coding_fingerprint(self, model_sha256: str) -> str:
+    def coding_fingerprint(self, model_sha256: str, corrdiff_sha256: str | None = None) -> str:
         """What must match for a committed shard to count as done on resume."""
         relevant = {
             "model_sha256": model_sha256,
@@ -68,6 +79,8 @@ class CompressConfig:
             "max_pixels": self.max_pixels,
             "y_chunk_channels": self.y_chunk_channels,
         }
+        if self.corrdiff:  # only then, so jobs without CorrDiff keep the fingerprints they had
+            relevant["corrdiff"] = {"sha256": corrdiff_sha256, "steps": self.corrdiff_steps, "bits": self.corrdiff_bits}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -116,6 +129,9 @@ class DecompressConfig:
     refiner: str | None = None  # an NC-Diffusion refiner checkpoint applied after the codec's synthesis
     refine_steps: int = 4
     guidance: float = 0.0  # zero-shot sample-guided enhancement strength S (0: off)
+    decoder: str = "codec"  # "codec" (the end-to-end decoder) or "corrdiff" (needs corrdiff)
+    corrdiff: str | None = None  # the CorrDiff decoder checkpoint the archive was compressed for
+    perception: float = 0.5  # CorrDiff's knob p: 0 = the codec's x̂, 0.5 = as transmitted, 1 = pure diffusion
     batch_size: int = 8
     device: str = "auto"
     overwrite: bool = False
@@ -129,9 +145,21 @@ class DecompressConfig:
             raise ConfigError(f"to: must be 'shards' or 'directory', not {self.to!r}")
         if not 0.0 <= self.guidance <= 2.0:
             raise ConfigError(f"guidance: must be in [0, 2], got {self.guidance!r}")
+        self._check_corrdiff()
         _positive(self, "refine_steps")
         _positive(self, "batch_size")
         _positive(self, "max_pixels")
+
+    def _check_corrdiff(self) -> None:
+        if self.decoder not in ("codec", "corrdiff"):
+            raise ConfigError(f"decoder: must be 'codec' or 'corrdiff', not {self.decoder!r}")
+        _in_range(self, "perception", 0.0, 1.0)
+        if self.decoder == "corrdiff" and not self.corrdiff:
+            raise ConfigError("corrdiff: decoder 'corrdiff' needs the CorrDiff decoder checkpoint (--corrdiff PATH)")
+        if self.corrdiff and self.decoder != "corrdiff":
+            raise ConfigError("decoder: a CorrDiff checkpoint was given; set decoder to 'corrdiff' to decode with it")
+        if self.decoder == "corrdiff" and self.refiner:
+            raise ConfigError("refiner: the NC-Diffusion refiner and the CorrDiff decoder are alternatives; pick one")
 
 
 def _positive(config: Any, name: str, allow_none: bool = False) -> None:
@@ -140,6 +168,14 @@ def _positive(config: Any, name: str, allow_none: bool = False) -> None:
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{name}: must be a positive number, got {value!r}")
+
+
+def _in_range(config: Any, name: str, low: float, high: float, allow_none: bool = False) -> None:
+    value = getattr(config, name)
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise ConfigError(f"{name}: must be in [{low:g}, {high:g}], got {value!r}")
 
 
 def config_from_mapping(cls: type, mapping: Mapping[str, Any], where: str = "") -> Any:
@@ -188,6 +224,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         return tuple(_coerce(args[0], item, f"{path}[{i}]") for i, item in enumerate(items))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
-        raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r}")
+    if hint in (int, float, str, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r}")
     return value

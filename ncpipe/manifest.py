@@ -60,6 +60,10 @@ class ManifestRow:
     previous_compressed_bytes: int | None = None
     recompress_source: str | None = None  # "original" (re-encoded) or "transcoded" (from the old bitstream)
     psnr_vs_previous: float | None = None  # transcoded: generation loss against the previous reconstruction
+    # CorrDiff, set when the encoder wrote correction coefficients into the bitstream:
+    corrdiff_sha256: str | None = None  # the CorrDiff decoder they were computed for
+    corrdiff_bytes: int | None = field(
+        default=None, metadata=_arrow(pa.int32(), "bytes of the coefficient extension (counted in compressed_bytes)"))
 
 
 @dataclass
@@ -81,6 +85,8 @@ class RestoreRow:
     refiner_sha256: str | None = None  # the diffusion refiner applied, if any
     refine_steps: int | None = field(default=None, metadata=_arrow(pa.int32()))
     guidance: float | None = None  # zero-shot guidance strength S, if any
+    corrdiff_sha256: str | None = None  # the CorrDiff decoder that decoded the sample, if any
+    perception: float | None = None  # CorrDiff's knob p it was decoded at
 
 
 _PYTHON_TO_ARROW = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(),
@@ -130,8 +136,16 @@ def read_part(url: str) -> pa.Table:
 
 def read_manifest(directory_url: str, schema: pa.Schema = MANIFEST_SCHEMA) -> pa.Table:
     """Concatenate every part under a manifest directory (an empty table if none)."""
-    parts = [read_part(url).select(schema.names).cast(schema) for url in list_files(directory_url, suffix=".parquet")]
+    parts = [conform(read_part(url), schema) for url in list_files(directory_url, suffix=".parquet")]
     return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A part in ``schema``; a nullable column added after the part was written reads as null."""
+    for column in schema:
+        if column.name not in table.column_names and column.nullable:
+            table = table.append_column(column, pa.nulls(table.num_rows, column.type))
+    return table.select(schema.names).cast(schema)
 
 
 def part_metadata(table: pa.Table) -> dict[str, Any]:

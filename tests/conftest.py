@@ -1,4 +1,4 @@
-"""Shared fixtures: a loopback S3 server, fresh buckets, shard builders, local-or-S3 roots."""
+"""Shared fixtures: a loopback S3 server, fresh buckets, shard builders, local-or-S3 roots, the tiny codec."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import pytest
+import torch
 
+from ncpipe.codec import LearnedCodec
+from ncpipe.models.checkpoint import load_codec_model
 from tests.factories import train_tiny_codec
 from tests.helpers import Member, tar_bytes
 
@@ -84,3 +87,20 @@ def make_shard(tmp_path: Path) -> Callable[..., str]:
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real mbt2018-mean (N=16, M=24) trained for a few steps by ncpipe's trainer and released."""
     return train_tiny_codec(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def tiny_codec(tiny_model_path: Path) -> Iterator[LearnedCodec]:
+    """The tiny model as a codec (one coder thread), one per test module."""
+    codec = LearnedCodec(load_codec_model(tiny_model_path), coder_threads=1)
+    yield codec
+    codec.close()
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tensors in the diffusion tests are tiny: intra-op threads only add sync cost, 30x on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,17 +11,25 @@ import shlex
 import sys
 
 
-def _int_tuple(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
+def _tuple_of(convert, what: str):
+    """An argparse type: comma-separated values -> a non-empty tuple."""
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(convert(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one of the {what}")
+        return values
+
+    return parse
 
 
-def _labelled_path(text: str) -> tuple[str, str]:
+int_tuple = _tuple_of(int, "integers")
+float_tuple = _tuple_of(float, "numbers")
+
+
+def labelled_path(text: str) -> tuple[str, str]:
     label, sep, path = text.partition("=")
     if not sep or not label or not path:
         raise argparse.ArgumentTypeError(f"expected LABEL=PATH, got {text!r}")
@@ -39,35 +47,47 @@ def register(subparsers) -> None:
     )
     p.add_argument("--codec", action="append", required=True,
                    help="registry name or checkpoint path (repeat per rate point)")
-    p.add_argument("--refiner", action="append", type=_labelled_path, default=[], metavar="LABEL=PATH",
+    p.add_argument("--refiner", action="append", type=labelled_path, default=[], metavar="LABEL=PATH",
                    help="a refiner checkpoint and its method label (repeat); e.g. nc=runs/refiners/nc/refiner.pt")
-    p.add_argument("--images", required=True, help="folder of evaluation images (e.g. ../shared/data/kodak)")
-    p.add_argument("--limit", type=int, default=0, help="first N images by name (default: all)")
-    p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--steps", type=_int_tuple, default=(1, 2, 4, 8), help="sampler steps K (default: 1,2,4,8)")
+    add_evaluation_options(p)
+    p.add_argument("--steps", type=int_tuple, default=(1, 2, 4, 8), help="sampler steps K (default: 1,2,4,8)")
     p.add_argument("--guidance", type=float, default=0.0,
                    help="latent-consistency strength S for the guided variants (0: none)")
     p.add_argument("--guidance-low-frequency", type=float, default=0.0, help="low-frequency consistency weight w")
     p.add_argument("--guided", action="append", default=[], metavar="LABEL",
                    help="refiners to evaluate with guidance too (default: every bridge refiner)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.set_defaults(handler=_evaluate_refiner)
 
 
 def _evaluate_refiner(args: argparse.Namespace) -> int:
-    import torch
-
     from ncpipe.evaluation.refiners import RefinerEvalConfig, evaluate_refiners
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config = RefinerEvalConfig(
         codecs=tuple(args.codec), refiners=tuple(args.refiner), images=args.images, output=args.output,
         steps=args.steps, guidance=args.guidance, guidance_low_frequency=args.guidance_low_frequency,
         guided=tuple(args.guided), limit=args.limit, device=args.device,
     )
-    _, written = evaluate_refiners(config, command=_command_line())
+    return run_evaluation(args, evaluate_refiners, config)
+
+
+# -- options and running, shared by the evaluations (``evaluate-refiner``, ``evaluate-corrdiff``) ----
+
+
+def add_evaluation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, help="folder of evaluation images (e.g. ../shared/data/kodak)")
+    p.add_argument("--limit", type=int, default=0, help="first N images by name (default: all)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+
+
+def run_evaluation(args: argparse.Namespace, evaluate, config) -> int:
+    """``evaluate(config, command=...)`` on ``--threads`` torch threads; prints the files it wrote."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _, written = evaluate(config, command=command_line())
     print("\n".join(str(p) for p in written))
     return 0
 
@@ -83,17 +103,10 @@ def register_train(train_subparsers) -> None:
     )
     p.add_argument("--codec", action="append", required=True,
                    help="registry name or checkpoint path; repeat for several rate points of one architecture")
-    p.add_argument("--data", action="append", required=True,
-                   help="training images (folder, file or shards); repeatable")
-    p.add_argument("--run-dir", required=True, help="training state and refiner.pt go here")
+    add_run_options(p, "refiner.pt")
     p.add_argument("--baseline", choices=("gaussian",),
                    help="train the CDC-style Gaussian-start baseline (same U-Net, conditioned on x̂) instead")
-    net = p.add_argument_group("network")
-    net.add_argument("--base-channels", type=int, default=32)
-    net.add_argument("--channel-mults", type=_int_tuple, default=(1, 2, 2))
-    net.add_argument("--blocks-per-level", type=int, default=1)
-    net.add_argument("--time-embed-dim", type=int, default=128)
-    net.add_argument("--no-affm", action="store_true", help="plain skip connections (the AFFM ablation)")
+    net = add_network_options(p, affm_help="plain skip connections (the AFFM ablation)")
     net.add_argument("--latent-features", type=int, default=0, help="condition on F channels projected from ŷ (0: off)")
     net.add_argument("--rate-conditioning", action="store_true",
                      help="condition on log λ (one refiner for several rates)")
@@ -106,21 +119,7 @@ def register_train(train_subparsers) -> None:
     proc.add_argument("--kappa", type=float, default=0.0, help="Gaussian term κ·sqrt(η)·ε of the bridge (0: none)")
     proc.add_argument("--parameterization", choices=("auto", "residual", "x0"), default="auto")
     proc.add_argument("--loss", choices=("l2", "l1"), default="l2")
-    opt = p.add_argument_group("optimisation")
-    opt.add_argument("--steps", type=int, default=20000)
-    opt.add_argument("--batch-size", type=int, default=8)
-    opt.add_argument("--crop", type=int, default=128, help="crop side, a multiple of 16")
-    opt.add_argument("--lr", type=float, default=2e-4)
-    opt.add_argument("--warmup-steps", type=int, default=100)
-    opt.add_argument("--lr-decay-at", type=float, default=0.85)
-    opt.add_argument("--max-images", type=int, default=0, help="use the first N training images (0: all)")
-    opt.add_argument("--cache-dir", help="keep the codec-decoded training set here and reuse it across runs")
-    opt.add_argument("--checkpoint-every", type=int, default=500)
-    opt.add_argument("--log-every", type=int, default=50)
-    opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--device", default="auto")
-    opt.add_argument("--no-amp", action="store_true", help="no bfloat16 autocast on GPUs")
-    opt.add_argument("--threads", type=int, default=0)
+    add_optimisation_options(p, cache_help="keep the codec-decoded training set here and reuse it across runs")
     p.set_defaults(handler=_train_refiner)
 
 
@@ -129,16 +128,10 @@ def train_refiner_config(args: argparse.Namespace):
     from ncpipe.train.refiner_trainer import RefinerTrainConfig
 
     return RefinerTrainConfig(
-        codecs=tuple(args.codec), data=tuple(args.data), run_dir=args.run_dir,
-        process="gaussian" if args.baseline == "gaussian" else "bridge",
-        base_channels=args.base_channels, channel_mults=args.channel_mults, blocks_per_level=args.blocks_per_level,
-        time_embed_dim=args.time_embed_dim, affm=not args.no_affm, latent_features=args.latent_features,
-        rate_conditioning=args.rate_conditioning, schedule=args.schedule, eta_min=args.eta_min,
-        eta_power=args.eta_power, train_schedule_steps=args.train_schedule_steps, kappa=args.kappa,
-        parameterization=args.parameterization, loss=args.loss, steps=args.steps, batch_size=args.batch_size,
-        crop=args.crop, lr=args.lr, warmup_steps=args.warmup_steps, lr_decay_at=args.lr_decay_at,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed, device=args.device,
-        amp=not args.no_amp, threads=args.threads, max_images=args.max_images, cache_dir=args.cache_dir,
+        codecs=tuple(args.codec), process="gaussian" if args.baseline == "gaussian" else "bridge",
+        latent_features=args.latent_features, rate_conditioning=args.rate_conditioning, schedule=args.schedule,
+        eta_min=args.eta_min, eta_power=args.eta_power, train_schedule_steps=args.train_schedule_steps,
+        kappa=args.kappa, parameterization=args.parameterization, loss=args.loss, **train_options(args),
     )
 
 
@@ -149,5 +142,56 @@ def _train_refiner(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command_line() -> str:
+def command_line() -> str:
+    """The command as typed, for the provenance of what it writes."""
     return "ncpipe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+# -- options every diffusion trainer has (``train refiner``, ``train corrdiff``) ----------------
+
+
+def add_run_options(p: argparse.ArgumentParser, released: str) -> None:
+    p.add_argument("--data", action="append", required=True,
+                   help="training images (folder, file or shards); repeatable")
+    p.add_argument("--run-dir", required=True, help=f"training state and {released} go here")
+
+
+def add_network_options(p: argparse.ArgumentParser, affm_help: str) -> argparse._ArgumentGroup:
+    """The U-Net's size; returns the group, for the network's own options."""
+    net = p.add_argument_group("network")
+    net.add_argument("--base-channels", type=int, default=32)
+    net.add_argument("--channel-mults", type=int_tuple, default=(1, 2, 2))
+    net.add_argument("--blocks-per-level", type=int, default=1)
+    net.add_argument("--time-embed-dim", type=int, default=128)
+    net.add_argument("--no-affm", action="store_true", help=affm_help)
+    return net
+
+
+def add_optimisation_options(p: argparse.ArgumentParser, cache_help: str) -> None:
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--steps", type=int, default=20000)
+    opt.add_argument("--batch-size", type=int, default=8)
+    opt.add_argument("--crop", type=int, default=128, help="crop side, a multiple of 16")
+    opt.add_argument("--lr", type=float, default=2e-4)
+    opt.add_argument("--warmup-steps", type=int, default=100)
+    opt.add_argument("--lr-decay-at", type=float, default=0.85)
+    opt.add_argument("--max-images", type=int, default=0, help="use the first N training images (0: all)")
+    opt.add_argument("--cache-dir", help=cache_help)
+    opt.add_argument("--checkpoint-every", type=int, default=500)
+    opt.add_argument("--log-every", type=int, default=50)
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--device", default="auto")
+    opt.add_argument("--no-amp", action="store_true", help="no bfloat16 autocast on GPUs")
+    opt.add_argument("--threads", type=int, default=0)
+
+
+def train_options(args: argparse.Namespace) -> dict:
+    """The ``DiffusionTrainOptions`` fields (and data, run_dir) of a diffusion trainer's command line."""
+    return dict(
+        data=tuple(args.data), run_dir=args.run_dir, base_channels=args.base_channels,
+        channel_mults=args.channel_mults, blocks_per_level=args.blocks_per_level, time_embed_dim=args.time_embed_dim,
+        affm=not args.no_affm, steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+        warmup_steps=args.warmup_steps, lr_decay_at=args.lr_decay_at, checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every, seed=args.seed, device=args.device, amp=not args.no_amp, threads=args.threads,
+        max_images=args.max_images, cache_dir=args.cache_dir,
+    )

@@ -107,10 +107,7 @@ class RefinerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RefinerConfig":
-        unet = dict(data["unet"])
-        for key in ("channel_mults", "affm_grid"):
-            unet[key] = tuple(unet[key])
-        return cls(**{**data, "unet": UNetConfig(**unet)})
+        return cls(**{**data, "unet": UNetConfig.from_dict(data["unet"])})
 
 
 @dataclass(frozen=True)
@@ -341,15 +338,21 @@ def fit_canvas(x: Tensor, size: Sequence[int]) -> Tensor:
 # -- checkpoints ----------------------------------------------------------------------------
 
 
-def refiner_checkpoint(refiner: Refiner, provenance: dict[str, Any]) -> dict[str, Any]:
-    """The weights-only dict a refiner is saved as (``provenance`` is stored, not hashed)."""
+def weights_checkpoint(format_: str, config: dict[str, Any], codecs: Sequence[TrainedCodec], module: nn.Module,
+                       provenance: dict[str, Any]) -> dict[str, Any]:
+    """The weights-only dict a diffusion network is saved as (``provenance`` is stored, not hashed)."""
     return {
-        "format": REFINER_FORMAT,
-        "config": refiner.config.to_dict(),
-        "codecs": [asdict(c) for c in refiner.codecs],
-        "state_dict": {k: v.detach().cpu().clone() for k, v in refiner.state_dict().items()},
+        "format": format_,
+        "config": config,
+        "codecs": [asdict(c) for c in codecs],
+        "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
         "provenance": jsonable(provenance),
     }
+
+
+def refiner_checkpoint(refiner: Refiner, provenance: dict[str, Any]) -> dict[str, Any]:
+    """The weights-only dict a refiner is saved as."""
+    return weights_checkpoint(REFINER_FORMAT, refiner.config.to_dict(), refiner.codecs, refiner, provenance)
 
 
 def refiner_digest(checkpoint: dict[str, Any]) -> str:
@@ -363,30 +366,39 @@ def refiner_digest(checkpoint: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def save_refiner(refiner: Refiner, path: str | Path, provenance: dict[str, Any]) -> str:
-    """Save atomically; returns (and sets ``refiner.sha256`` to) the refiner digest."""
-    checkpoint = refiner_checkpoint(refiner, provenance)
+def write_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> str:
+    """Save atomically (temp + rename); returns the checkpoint's ``refiner_digest``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     torch.save(checkpoint, tmp)
     os.replace(tmp, path)
-    refiner.sha256 = refiner_digest(checkpoint)
+    return refiner_digest(checkpoint)
+
+
+def save_refiner(refiner: Refiner, path: str | Path, provenance: dict[str, Any]) -> str:
+    """Save atomically; returns (and sets ``refiner.sha256`` to) the refiner digest."""
+    refiner.sha256 = write_checkpoint(refiner_checkpoint(refiner, provenance), path)
     return refiner.sha256
 
 
-def read_refiner_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict (weights only; no code runs), format-checked."""
+def read_weights_checkpoint(path: str | Path, format_: str, error: type[Exception], label: str) -> dict[str, Any]:
+    """A checkpoint dict of ``format_`` (weights only; no code runs), or ``error`` saying what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise RefinerError(f"refiner checkpoint {path} does not exist")
+        raise error(f"{label} checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad file; all mean "unreadable"
-        raise RefinerError(f"{path} is not a loadable weights-only checkpoint: {err}") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != REFINER_FORMAT:
-        raise RefinerError(f"{path} is not an {REFINER_FORMAT} checkpoint")
+        raise error(f"{path} is not a loadable weights-only checkpoint: {err}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != format_:
+        raise error(f"{path} is not an {format_} checkpoint")
     return checkpoint
+
+
+def read_refiner_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The refiner checkpoint dict, format-checked."""
+    return read_weights_checkpoint(path, REFINER_FORMAT, RefinerError, "refiner")
 
 
 def load_refiner(path: str | Path, device: torch.device | str = "cpu", expected_sha256: str | None = None,

@@ -72,6 +72,11 @@ class UNetConfig:
     def size_multiple(self) -> int:
         return 2 ** (len(self.channel_mults) - 1)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "UNetConfig":
+        """From its JSON form (tuples stored as lists)."""
+        return cls(**{**data, "channel_mults": tuple(data["channel_mults"]), "affm_grid": tuple(data["affm_grid"])})
+
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
     """Sinusoidal embedding (B, dim) of continuous t ∈ [0, 1] (Vaswani et al. 2017; Ho et al. 2020).

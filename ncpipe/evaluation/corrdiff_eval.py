@@ -221,9 +221,11 @@ def _evaluate_image(config: CorrDiffEvalConfig, codec: LearnedCodec, decoder, re
     corrdiff_encode = codec_encode + _elapsed(started, codec.device)
     h, w = pixels.shape[:2]
 
-    def row(method: str, output: torch.Tensor, data: bytes, decode_s: float, encode_s: float, **extra) -> CorrDiffResult:
+    def row(method: str, output: torch.Tensor, data: bytes, decode_s: float, encode_s: float,
+            **extra) -> CorrDiffResult:
         out = metrics.quantize_8bit(output[None].float())
-        values = dict(perception=math.nan, steps=0, bits=0, coefficient_bytes=0, mean_lambda=math.nan, replay_match=True)
+        values = dict(perception=math.nan, steps=0, bits=0, coefficient_bytes=0, mean_lambda=math.nan,
+                      replay_match=True)
         values.update(extra)
         return CorrDiffResult(
             method=method, image=name, width=w, height=h, num_bytes=len(data), bpp=8 * len(data) / (w * h),
@@ -268,7 +270,7 @@ def summarise(rows: Sequence[CorrDiffResult]) -> list[CorrDiffSummary]:
         groups.setdefault((r.method, -1.0 if math.isnan(r.perception) else r.perception), []).append(r)
     summary = []
     for (method, p), group in groups.items():
-        def mean(field: str) -> float:
+        def mean(field: str, group: list[CorrDiffResult] = group) -> float:
             return statistics.fmean(getattr(r, field) for r in group)
 
         summary.append(CorrDiffSummary(
@@ -283,7 +285,8 @@ def summarise(rows: Sequence[CorrDiffResult]) -> list[CorrDiffSummary]:
 
 def render_markdown(summary: Sequence[CorrDiffSummary], metadata: dict[str, Any]) -> str:
     lines = [
-        "| method | p | bpp | coeff. bytes | PSNR (dB) | ΔPSNR (dB) | MS-SSIM | HF ratio | mean λ | encode (s) | decode (s) |",
+        "| method | p | bpp | coeff. bytes | PSNR (dB) | ΔPSNR (dB) | MS-SSIM | HF ratio | mean λ | encode (s) "
+        "| decode (s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in summary:

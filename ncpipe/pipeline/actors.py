@@ -1,7 +1,8 @@
 """Ray actors: each holds a model resident on its device and runs whole shards.
 
-Actors receive configurations and model *locations* (registry names or paths), never
-weights: each loads its model once, verified against its SHA-256, and keeps it.
+Actors receive configurations and model *locations* (registry names or paths, and the paths of
+diffusion decoders), never weights: each loads its models once, verified against their SHA-256, and
+keeps them.
 """
 
 from __future__ import annotations
@@ -53,8 +54,13 @@ class CompressActor:
         device = resolve_device(config.device)
         model = load_model(config.model).to(device)
         codec = LearnedCodec(model, config.y_chunk_channels, config.coder_threads or threads)
+        corrdiff = None
+        if config.corrdiff:
+            from ncpipe.diffusion.corrdiff import load_corrdiff
+
+            corrdiff = load_corrdiff(config.corrdiff, device, codec_sha256=model.identity.sha256)
         self.worker = ShardCompressor(
-            config, codec, config.model, threads, _progress_reporter(progress_counter)
+            config, codec, config.model, threads, _progress_reporter(progress_counter), corrdiff=corrdiff
         )
         log.info("compress actor ready: %s on %s", model.identity.short, device)
 

@@ -4,6 +4,7 @@
 
     tar shard ─read_ahead─► samples ─decode pool─► RGB pixels ─ShapeBatcher─► batches
       ─► device: g_a, h_a, exact h_s, (g_s + metrics) ─► coder threads: rANS per chunk
+         (with --corrdiff: the CorrDiff encoder's K-step sampler ─► coefficients ─► v2 extension)
       ─► output tar (<key>.ncb + carried members) + manifest rows ─► atomic commit
 
 A sample whose image cannot be coded (or that has none, or was damaged in the tar) is
@@ -26,8 +27,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ncpipe import metrics
+from ncpipe.bitstream import CorrectionCoefficients
 from ncpipe.codec import AnalysedBatch, LearnedCodec, PendingBitstream, padded_shape
 from ncpipe.config import CompressConfig
+from ncpipe.diffusion.corrdiff import CorrDiffDecoder, attach_corrections, corrections_for_images
 from ncpipe.images import DecodedImage, ImageRefused, decode_image, is_image_member
 from ncpipe.io.storage import atomic_writer, write_bytes_atomic
 from ncpipe.io.tar_reader import Sample, ShardUnreadable, TarMember, iter_samples
@@ -88,6 +91,7 @@ class _InflightBatch:
     pending: list[PendingBitstream]
     quality: list[tuple[float | None, float | None]]
     started: float
+    corrections: tuple[CorrectionCoefficients, ...] | None = None  # CorrDiff's, one per item
 
 
 def choose_image_member(sample: Sample) -> TarMember | None:
@@ -123,12 +127,14 @@ class ShardCompressor:
         model_id: str,
         decode_threads: int,
         on_progress: Callable[[int], None] = lambda samples: None,
+        corrdiff: CorrDiffDecoder | None = None,
     ):
         self.config = config
         self.codec = codec
         self.model_id = model_id
         self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
         self.on_progress = on_progress
+        self.corrdiff = corrdiff  # when given, every bitstream carries its correction coefficients
 
     def run(self, task: ShardTask) -> ShardStats:
         started = time.perf_counter()
@@ -199,7 +205,17 @@ class ShardCompressor:
         pending = [
             self.codec.submit_entropy_coding(analysed, i, item.image.source_mode) for i, item in enumerate(items)
         ]
-        return _InflightBatch(items, analysed, pending, quality, started)
+        return _InflightBatch(items, analysed, pending, quality, started, self._corrections(items, analysed))
+
+    def _corrections(self, items: list[_Prepared],
+                     analysed: AnalysedBatch) -> tuple[CorrectionCoefficients, ...] | None:
+        """CorrDiff's coefficients (the encoder runs the decoder's sampler against the originals), or None."""
+        if self.corrdiff is None:
+            return None
+        return corrections_for_images(
+            self.corrdiff, self.codec, analysed, [item.image.pixels for item in items],
+            [item.sample.key for item in items], self.config.corrdiff_steps, self.config.corrdiff_bits,
+        )
 
     def _quality(self, items: list[_Prepared], analysed: AnalysedBatch) -> list[tuple[float | None, float | None]]:
         if analysed.reconstructions is None:
@@ -213,12 +229,14 @@ class ShardCompressor:
             )
         return scores
 
-    def _finish_batch(self, task: ShardTask, batch: _InflightBatch, writer: TarShardWriter, rows: list[ManifestRow]) -> None:
+    def _finish_batch(self, task: ShardTask, batch: _InflightBatch, writer: TarShardWriter,
+                      rows: list[ManifestRow]) -> None:
         bitstreams = [pending.result() for pending in batch.pending]
         seconds_each = (time.perf_counter() - batch.started) / len(batch.items)
         identity = self.codec.model.identity
-        for item, data, (psnr, ms_ssim) in zip(batch.items, bitstreams, batch.quality):
+        for index, (item, data, (psnr, ms_ssim)) in enumerate(zip(batch.items, bitstreams, batch.quality)):
             sample, image = item.sample, item.image
+            data, corrdiff_columns = self._with_corrections(data, batch, index)
             carried = self._write_coded(item, data, writer)
             rows.append(
                 ManifestRow(
@@ -243,10 +261,19 @@ class ShardCompressor:
                     carried_members=carried,
                     output_shard=redact(task.shard_url),
                     generation=task.generation,
+                    **corrdiff_columns,
                 )
             )
             if item.lineage:
                 rows[-1] = self.apply_lineage(rows[-1], item.lineage)
+
+    def _with_corrections(self, data: bytes, batch: _InflightBatch, index: int) -> tuple[bytes, dict]:
+        """The bitstream with item ``index``'s CorrDiff coefficients attached (version 2), and its manifest columns."""
+        if batch.corrections is None:
+            return data, {}
+        extended = attach_corrections(data, batch.corrections[index])
+        return extended, {"corrdiff_sha256": batch.corrections[index].decoder_sha256,
+                          "corrdiff_bytes": len(extended) - len(data)}
 
     def apply_lineage(self, row: ManifestRow, lineage: dict) -> ManifestRow:
         return dataclasses.replace(row, **lineage)
@@ -262,7 +289,8 @@ class ShardCompressor:
                 carried.append(_printable(member.name))
         return carried
 
-    def _write_passthrough(self, task: ShardTask, item: _Prepared, writer: TarShardWriter, rows: list[ManifestRow]) -> None:
+    def _write_passthrough(self, task: ShardTask, item: _Prepared, writer: TarShardWriter,
+                           rows: list[ManifestRow]) -> None:
         for member in item.sample.members:
             writer.add(member.name, member.data)
         member = item.image_member
@@ -303,11 +331,17 @@ class ShardCompressor:
 
     def _part_metadata(self, task: ShardTask) -> dict:
         identity = self.codec.model.identity
-        return {
+        metadata = {
             "ncpipe_job_id": task.job_id,
             "ncpipe_fingerprint": task.fingerprint,
-            "ncpipe_model": {"id": self.model_id, "arch": identity.arch, "sha256": identity.sha256, "rate": identity.rate},
+            "ncpipe_model": {"id": self.model_id, "arch": identity.arch, "sha256": identity.sha256,
+                             "rate": identity.rate},
         }
+        if self.corrdiff is not None:
+            metadata["ncpipe_corrdiff"] = {"id": redact(self.config.corrdiff), "sha256": self.corrdiff.identity(),
+                                           "steps": self.config.corrdiff_steps or self.corrdiff.config.steps,
+                                           "bits": self.config.corrdiff_bits or self.corrdiff.config.bits}
+        return metadata
 
     def _commit(self, task: ShardTask, stats: ShardStats) -> None:
         marker = {

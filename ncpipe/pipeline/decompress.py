@@ -4,6 +4,11 @@ Each bitstream names the model that wrote it (its SHA-256); the worker loads tha
 from the registry on first use (or uses the one given) and keeps it. A bitstream whose
 model is not available, or that is damaged, gets an error row and is written through
 unchanged, so a restore never loses data.
+
+After the codec's synthesis, an optional diffusion decoder makes the image: the NC-Diffusion
+refiner (``--refiner``), or CorrDiff (``--decoder corrdiff``) with the coefficients each
+bitstream carries. An image it cannot serve keeps the codec's reconstruction, and its row
+says why (``not refined: ...`` / ``not corrdiff-decoded: ...``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from ncpipe import bitstream as fmt
 from ncpipe.codec import LatentSymbols, LearnedCodec, ModelMismatchError, to_uint8_image
 from ncpipe.config import DecompressConfig
+from ncpipe.diffusion.corrdiff import CorrDiffMismatchError, corrdiff_decode, load_corrdiff, read_corrections
 from ncpipe.diffusion.guidance import GuidanceConfig
 from ncpipe.diffusion.refiner import RefinerMismatchError, decoded_batch, load_refiner
 from ncpipe.images import encode_png, restore_image
@@ -32,7 +38,7 @@ from ncpipe.io.tar_writer import TarShardWriter
 from ncpipe.io.urls import join_url, redact
 from ncpipe.manifest import STATUS_ERROR, STATUS_OK, RestoreRow, write_restore_part
 from ncpipe.models.checkpoint import CheckpointError
-from ncpipe.models.registry import describe_sha256, find_by_sha256, load_model, resolve_model
+from ncpipe.models.registry import describe_sha256, find_by_sha256, load_model
 from ncpipe.pipeline.compress import BITSTREAM_EXTENSION, ShardStats, _printable
 from ncpipe.pipeline.stages import ShapeBatcher, map_ordered, read_ahead
 
@@ -62,6 +68,7 @@ class _Parsed:
     codec: LearnedCodec | None = None
     error: str | None = None
     seconds: float = 0.0
+    corrections: fmt.CorrectionCoefficients | None = None  # read only when decoding with CorrDiff
 
 
 class CodecCache:
@@ -125,6 +132,7 @@ class ShardDecompressor:
         given = (config.model,) if config.model else ()
         self.models = CodecCache(device, threads, given, only_given=bool(config.model))
         self.refiner = load_refiner(config.refiner, device) if config.refiner else None
+        self.corrdiff = load_corrdiff(config.corrdiff, device) if config.decoder == "corrdiff" else None
         self.guidance = GuidanceConfig(strength=config.guidance) if config.guidance else None
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="restore")
 
@@ -164,7 +172,9 @@ class ShardDecompressor:
             if item.error is not None or item.member is None:
                 self._write_through(task, item, sink, rows)
                 continue
-            key = (item.header.model_sha256, item.header.y_shape)
+            # one CorrDiff batch samples with one step count K
+            steps = len(item.corrections.indexes) if item.corrections else 0
+            key = (item.header.model_sha256, item.header.y_shape, steps)
             for batch in batcher.add(key, item):
                 self._synthesise_and_write(task, batch, sink, rows)
         for batch in batcher.flush():
@@ -181,27 +191,21 @@ class ShardDecompressor:
             header = fmt.parse_header(member.data, self.config.max_pixels)
             codec = self.models.codec_for(header)
             header, symbols = codec.decode_symbols(member.data, self.config.max_pixels)
+            corrections = read_corrections(member.data) if self.corrdiff else None
         except (fmt.BitstreamError, ModelMismatchError) as err:
             return _Parsed(sample, member, error=str(err))
-        return _Parsed(sample, member, header, symbols, codec, seconds=time.perf_counter() - started)
+        return _Parsed(sample, member, header, symbols, codec, seconds=time.perf_counter() - started,
+                       corrections=corrections)
 
     def _synthesise_and_write(self, task: RestoreTask, batch: list[_Parsed], sink, rows: list[RestoreRow]) -> None:
         started = time.perf_counter()
-        codec, headers, symbols = batch[0].codec, [p.header for p in batch], [p.symbols for p in batch]
-        images = codec.synthesise(headers, symbols)
-        refine_error = None
-        if self.refiner is not None:
-            try:
-                images = self.refiner.refine(decoded_batch(codec, headers, symbols, images), self.config.refine_steps,
-                                             self.guidance, codec=codec)
-            except RefinerMismatchError as err:  # keep the codec's own reconstruction, and say so
-                refine_error = f"not refined: {err}"
+        images, decode_errors = self._decode(batch)
         pngs = list(self.pool.map(
             lambda pair: encode_png(restore_image(to_uint8_image(pair[1]), pair[0].header.source_mode)),
             zip(batch, images),
         ))
         share = (time.perf_counter() - started) / len(batch)
-        for item, png in zip(batch, pngs):
+        for item, png, decode_error in zip(batch, pngs, decode_errors):
             name = f"{item.sample.key}.{RESTORED_EXTENSION}"
             written, refused = sink.write_sample(item.sample, _Replacement(item.member, name, png))
             rows.append(RestoreRow(
@@ -209,16 +213,64 @@ class ShardDecompressor:
                 member=_printable(item.member.name), output=written, width=item.header.width,
                 height=item.header.height, model_sha256=item.header.model_sha256,
                 decode_seconds=item.seconds + share,
-                status=STATUS_ERROR if refused or refine_error else STATUS_OK,
-                error="; ".join(filter(None, [refine_error, _refused_message(refused)])) or None,
-                **self.refinement_columns(refine_error),
+                status=STATUS_ERROR if refused or decode_error else STATUS_OK,
+                error="; ".join(filter(None, [decode_error, _refused_message(refused)])) or None,
+                **self.decoder_columns(decode_error),
             ))
 
-    def refinement_columns(self, refine_error: str | None) -> dict:
-        if self.refiner is None or refine_error:
+    def _decode(self, batch: list[_Parsed]) -> tuple[list[torch.Tensor], list[str | None]]:
+        """The images (3, h, w) of one batch, and per image why the decoder asked for was not applied (or None)."""
+        codec, headers, symbols = batch[0].codec, [p.header for p in batch], [p.symbols for p in batch]
+        images = codec.synthesise(headers, symbols)
+        if self.corrdiff is not None:
+            return self._corrdiff_decode(batch, images)
+        if self.refiner is not None:
+            try:
+                images = self.refiner.refine(decoded_batch(codec, headers, symbols, images), self.config.refine_steps,
+                                             self.guidance, codec=codec)
+            except RefinerMismatchError as err:  # keep the codec's own reconstruction, and say so
+                return list(images), [f"not refined: {err}"] * len(batch)
+        return list(images), [None] * len(batch)
+
+    def _corrdiff_decode(self, batch: list[_Parsed], x_hat: list[torch.Tensor]) -> tuple[list, list[str | None]]:
+        """CorrDiff for the images whose coefficients this decoder can use; the codec's x̂, and why, for the rest."""
+        refusals = [self._corrdiff_refusal(item) for item in batch]
+        usable = [i for i, refusal in enumerate(refusals) if refusal is None]
+        images = list(x_hat)
+        if usable:
+            outputs = corrdiff_decode(
+                self.corrdiff, batch[0].codec, [batch[i].header for i in usable], [batch[i].symbols for i in usable],
+                [batch[i].corrections for i in usable], self.config.perception, x_hat=[x_hat[i] for i in usable],
+            )
+            for i, output in zip(usable, outputs):
+                images[i] = output
+        return images, [refusal and f"not corrdiff-decoded: {refusal}" for refusal in refusals]
+
+    def _corrdiff_refusal(self, item: _Parsed) -> str | None:
+        """Why this bitstream cannot be decoded by the loaded CorrDiff decoder, or None."""
+        if item.corrections is None:
+            return ("the bitstream carries no CorrDiff coefficients (compressed without --corrdiff); "
+                    "restored with the codec's decoder")
+        sha = self.corrdiff.identity()
+        if item.corrections.decoder_sha256 != sha:
+            return (f"its coefficients are for CorrDiff decoder {item.corrections.decoder_sha256}, not the loaded "
+                    f"{sha}: pass that decoder with --corrdiff; restored with the codec's decoder")
+        try:
+            self.corrdiff.check_codec(item.header.model_sha256)
+        except CorrDiffMismatchError as err:
+            return f"{err}; restored with the codec's decoder"
+        return None
+
+    def decoder_columns(self, decode_error: str | None) -> dict:
+        """The restore manifest's record of the diffusion decoder that made the image (none on a refusal)."""
+        if decode_error:
             return {}
-        return {"refiner_sha256": self.refiner.sha256, "refine_steps": self.config.refine_steps,
-                "guidance": self.guidance.strength if self.guidance else None}
+        if self.corrdiff is not None:
+            return {"corrdiff_sha256": self.corrdiff.identity(), "perception": self.config.perception}
+        if self.refiner is not None:
+            return {"refiner_sha256": self.refiner.sha256, "refine_steps": self.config.refine_steps,
+                    "guidance": self.guidance.strength if self.guidance else None}
+        return {}
 
     def _write_through(self, task: RestoreTask, item: _Parsed, sink, rows: list[RestoreRow]) -> None:
         written, refused = sink.write_sample(item.sample, None)

@@ -108,6 +108,14 @@ def model_sha256_of(model: str) -> str:
     return ref.expected_sha256 or model_digest(read_checkpoint(ref.checkpoint))
 
 
+def corrdiff_sha256_of(path: str, codec_sha256: str | None = None) -> str:
+    """A CorrDiff decoder's SHA-256, checked here (before any actor starts) to load and, when
+    ``codec_sha256`` is given, to have been trained for that codec."""
+    from ncpipe.diffusion.corrdiff import load_corrdiff
+
+    return load_corrdiff(path, codec_sha256=codec_sha256).identity()
+
+
 def prepare_generation(generation: GenerationLayout, job: dict[str, Any], overwrite: bool) -> None:
     """Refuse to mix configurations in one generation; ``overwrite`` clears it first."""
     if exists(generation.job_file):
@@ -144,7 +152,8 @@ def run_compress(config: CompressConfig) -> CompressSummary:
     started = time.perf_counter()
     inputs = expand_inputs(config.inputs)
     sha256 = model_sha256_of(config.model)
-    fingerprint = config.coding_fingerprint(sha256)
+    corrdiff_sha256 = corrdiff_sha256_of(config.corrdiff, sha256) if config.corrdiff else None
+    fingerprint = config.coding_fingerprint(sha256, corrdiff_sha256)
     job_id = new_job_id(fingerprint)
     archive = ArchiveLayout(config.output)
     generation = archive.generation(FIRST_GENERATION)
@@ -156,6 +165,8 @@ def run_compress(config: CompressConfig) -> CompressSummary:
         "model": {"id": config.model, "sha256": sha256},
         "config": _redacted_config(config),
     }
+    if corrdiff_sha256:
+        job["corrdiff"] = {"id": redact(config.corrdiff), "sha256": corrdiff_sha256}
     prepare_generation(generation, job, config.overwrite)
     stems = output_stems(inputs)
     tasks = [
@@ -324,6 +335,15 @@ def check_model_available(job: dict[str, Any] | None, model: str | None) -> None
         )
 
 
+def restore_fingerprint(config: DecompressConfig) -> str:
+    """What must match for a restored shard to count as done on resume."""
+    relevant = {"to": config.to, "model": config.model, "max_pixels": config.max_pixels, "refiner": config.refiner,
+                "refine_steps": config.refine_steps, "guidance": config.guidance}
+    if config.decoder == "corrdiff":  # only then, so restores without CorrDiff keep the fingerprints they had
+        relevant["corrdiff"] = {"sha256": corrdiff_sha256_of(config.corrdiff), "perception": config.perception}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_decompress(config: DecompressConfig) -> RestoreSummary:
     from ncpipe.pipeline.actors import DecompressActor
     from ncpipe.pipeline.decompress import RestoreTask
@@ -333,10 +353,7 @@ def run_decompress(config: DecompressConfig) -> RestoreSummary:
     if not shards:
         raise ConfigError(f"no bitstream shards found in {[redact(s) for s in config.inputs]}")
     check_model_available(job, config.model)
-    fingerprint = hashlib.sha256(json.dumps(
-        {"to": config.to, "model": config.model, "max_pixels": config.max_pixels, "refiner": config.refiner,
-         "refine_steps": config.refine_steps, "guidance": config.guidance}, sort_keys=True
-    ).encode()).hexdigest()[:16]
+    fingerprint = restore_fingerprint(config)
     job_id = new_job_id(fingerprint)
     restore = RestoreLayout(config.output)
     if config.overwrite:

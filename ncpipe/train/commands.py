@@ -2,9 +2,10 @@
 
 ::
 
-    ncpipe train codec [--spec jobs/train-codec.yaml] [--FIELD VALUE ...]   -> <run_dir>/train_state.pt
-    ncpipe train release RUN_DIR --name NAME [--eval-images DIR]            -> models/NAME/{model.pt,card.json,README.md}
-    ncpipe train import-zoo ARCH --quality Q [--file PATH] --name NAME      -> models/NAME/...
+    ncpipe train codec [--spec jobs/train-codec.yaml] [--FIELD VALUE ...]  -> <run_dir>/train_state.pt
+    ncpipe train release RUN_DIR --name NAME [--eval-images DIR]           -> models/NAME/{model.pt,card.json,...}
+    ncpipe train import-zoo ARCH --quality Q [--file PATH] --name NAME     -> models/NAME/...
+    ncpipe train refiner | corrdiff ...  (ncpipe.diffusion.commands, ncpipe.diffusion.corrdiff_commands)
 
 A spec file is ``kind: <kind>`` plus ``spec:`` holding the config's fields (the shape
 ``ncpipe run SPEC`` dispatches on); flags given on the command line override the file.
@@ -67,7 +68,8 @@ TRAIN_CODEC_FLAGS: dict[str, dict[str, Any]] = {
     "device": dict(help="auto (GPU when present), cpu or cuda[:N]"),
     "amp": dict(action=argparse.BooleanOptionalAction, help="bfloat16 mixed precision for the transforms (GPU only)"),
     "threads": dict(type=int, help="torch CPU threads (0: torch's default)"),
-    "init_from": dict(metavar="CHECKPOINT", help="start from the weights of another run's train_state.pt or a released model.pt"),
+    "init_from": dict(metavar="CHECKPOINT",
+                      help="start from the weights of another run's train_state.pt or a released model.pt"),
 }
 
 
@@ -80,7 +82,8 @@ def _add_train_codec(sub) -> None:
         f"--spec FILE.yaml (kind: {TRAIN_CODEC_KIND}, spec: {{field: value}}); flags override the file. "
         "Required: data and run_dir. Defaults: CodecTrainConfig in ncpipe/train/codec_trainer.py.",
     )
-    p.add_argument("--spec", metavar="FILE.yaml", help=f"a kind: {TRAIN_CODEC_KIND} spec file (e.g. jobs/train-codec.yaml)")
+    p.add_argument("--spec", metavar="FILE.yaml",
+                   help=f"a kind: {TRAIN_CODEC_KIND} spec file (e.g. jobs/train-codec.yaml)")
     for name, options in TRAIN_CODEC_FLAGS.items():
         flags = ["--" + name.replace("_", "-")] + (["--lambda"] if name == "lmbda" else [])
         p.add_argument(*flags, dest=name, default=argparse.SUPPRESS, **options)
@@ -182,7 +185,8 @@ def _release(args: argparse.Namespace) -> int:
         write_card(directory, {**card, "series": args.series})
     result = card["evaluations"][0]
     print(f"released {directory}: sha256 {card['sha256']}\n"
-          f"{result['dataset']}: {result['bpp']:.4f} bpp, PSNR {result['psnr']:.2f} dB, MS-SSIM {result['ms_ssim']:.4f}")
+          f"{result['dataset']}: {result['bpp']:.4f} bpp, PSNR {result['psnr']:.2f} dB, "
+          f"MS-SSIM {result['ms_ssim']:.4f}")
     return 0
 
 
@@ -232,7 +236,8 @@ def _import_zoo(args: argparse.Namespace) -> int:
         ("--lmbda", args.lmbda), ("--eval-images", args.eval_images), ("--dataset", args.dataset),
         ("--overwrite", args.overwrite),
     ])
-    release = "the file CompressAI publishes" if source["compressai_release"] else "not under CompressAI's published name"
+    release = ("the file CompressAI publishes" if source["compressai_release"]
+               else "not under CompressAI's published name")
     card = {
         "name": args.name,
         "summary": f"CompressAI zoo {args.arch} quality {args.quality} (MSE), imported, not retrained.",
@@ -240,7 +245,8 @@ def _import_zoo(args: argparse.Namespace) -> int:
         "file_sha256": file_sha256(directory / CHECKPOINT_NAME),
         "series": f"compressai-zoo-{args.arch}",
         "source": source,
-        "training": {"data": "Vimeo-90K crops (CompressAI's zoo training)", "hardware": "CompressAI (not trained here)"},
+        "training": {"data": "Vimeo-90K crops (CompressAI's zoo training)",
+                     "hardware": "CompressAI (not trained here)"},
         "notes": f"Weights from {path} (SHA-256 {source['file_sha256']}; {release}), imported with `{command}`. "
                  f"Rate parameter λ = {checkpoint['rate']['lambda']:g}: {source['lambda']}.",
         "evaluations": [],
@@ -261,8 +267,9 @@ def _import_zoo(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    """``ncpipe train`` and its subcommands (the diffusion package adds its refiners here too)."""
-    from ncpipe.diffusion.commands import register_train
+    """``ncpipe train`` and its subcommands (the diffusion package adds its refiners and CorrDiff here too)."""
+    from ncpipe.diffusion import commands as refiner_commands
+    from ncpipe.diffusion import corrdiff_commands
 
     p = subparsers.add_parser("train", help="train codecs, release them into the registry, import zoo weights",
                               description="Training and model release commands.")
@@ -270,4 +277,5 @@ def register(subparsers) -> None:
     _add_train_codec(train_sub)
     _add_release(train_sub)
     _add_import_zoo(train_sub)
-    register_train(train_sub)
+    refiner_commands.register_train(train_sub)
+    corrdiff_commands.register_train(train_sub)

@@ -23,7 +23,6 @@ import hashlib
 import logging
 import math
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,11 +35,11 @@ import torch.nn.functional as F
 from ncpipe.bitstream import LATENT_STRIDE
 from ncpipe.codec import LearnedCodec
 from ncpipe.diffusion.objectives import bridge_training_batch, gaussian_training_batch
-from ncpipe.diffusion.refiner import Refiner, RefinerConfig, TrainedCodec, decoded_batch, jsonable, save_refiner
-from ncpipe.diffusion.unet import UNetConfig, to_model_range
+from ncpipe.diffusion.refiner import Refiner, RefinerConfig, TrainedCodec, decoded_batch, save_refiner
+from ncpipe.diffusion.unet import to_model_range
 from ncpipe.models.registry import load_model
-from ncpipe.train.data import load_training_images
-from ncpipe.train.loop import ProgressLog, autocast_dtype, load_state, resolve_device, save_state, step_learning_rate
+from ncpipe.train.diffusion_state import DiffusionTrainOptions, RunState, provenance, release, resume_on, run_steps
+from ncpipe.train.loop import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +52,11 @@ XHAT_SOURCE = (
 
 
 @dataclass(frozen=True)
-class RefinerTrainConfig:
+class RefinerTrainConfig(DiffusionTrainOptions):
     codecs: tuple[str, ...]  # registry names or checkpoint paths, one per rate point
     data: tuple[str, ...]
     run_dir: str
     process: str = "bridge"  # "gaussian": the CDC-style Gaussian-start baseline (same U-Net)
-    base_channels: int = 32
-    channel_mults: tuple[int, ...] = (1, 2, 2)
-    blocks_per_level: int = 1
-    time_embed_dim: int = 128
-    affm: bool = True
     latent_features: int = 0
     rate_conditioning: bool = False
     schedule: str = "geometric"
@@ -72,27 +66,11 @@ class RefinerTrainConfig:
     kappa: float = 0.0
     parameterization: str = "auto"  # residual for the bridge, x0 for the Gaussian start
     loss: str = "l2"
-    steps: int = 20000
-    batch_size: int = 8
-    crop: int = 128
-    lr: float = 2e-4
-    warmup_steps: int = 100
-    lr_decay_at: float = 0.85
-    clip_grad_norm: float = 1.0
-    checkpoint_every: int = 500
-    log_every: int = 50
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    threads: int = 0
-    max_images: int = 0  # 0 = every training image
-    cache_dir: str | None = None  # keep the decoded (x, x̂, ŷ) sets here, keyed by codec and image content
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.codecs:
             raise ValueError("name at least one codec checkpoint to train the refiner for")
-        if self.crop % LATENT_STRIDE or self.crop < LATENT_STRIDE:
-            raise ValueError(f"crop must be a positive multiple of the latent stride {LATENT_STRIDE}, got {self.crop}")
         if self.loss not in ("l1", "l2"):
             raise ValueError(f"loss must be l1 or l2, got {self.loss!r}")
 
@@ -100,15 +78,8 @@ class RefinerTrainConfig:
         param = self.parameterization
         if param == "auto":
             param = "residual" if self.process == "bridge" else "x0"
-        unet = UNetConfig(
-            base_channels=self.base_channels, channel_mults=tuple(self.channel_mults),
-            blocks_per_level=self.blocks_per_level, time_embed_dim=self.time_embed_dim, affm=self.affm,
-            norm_groups=math.gcd(8, self.base_channels),
-        )
-        if self.crop % unet.size_multiple:
-            raise ValueError(f"crop {self.crop} must be a multiple of the U-Net's size multiple {unet.size_multiple}")
         return RefinerConfig(
-            unet=unet, process=self.process, parameterization=param, schedule=self.schedule,  # type: ignore[arg-type]
+            unet=self.unet_config(), process=self.process, parameterization=param, schedule=self.schedule,  # type: ignore[arg-type]
             eta_min=self.eta_min, eta_power=self.eta_power, train_schedule_steps=self.train_schedule_steps,
             kappa=self.kappa, rate_conditioning=self.rate_conditioning, latent_features=self.latent_features,
             latent_channels=latent_channels if self.latent_features else 0,
@@ -227,45 +198,28 @@ def train_refiner(config: RefinerTrainConfig) -> Path:
     refiner = Refiner(config.refiner_config(codecs[0].model.adapter.latent_channels), trained_for)
     _check_codecs(codecs)
     optimizer = torch.optim.Adam(refiner.parameters(), lr=config.lr)
-    start = _restore(refiner, optimizer, run_dir)
-    refiner.to(device).train()
-    _optimizer_to(optimizer, device)
-    log.info("refiner %s: %d parameters, %s on %s from step %d", config.process,
-             sum(p.numel() for p in refiner.parameters()), refiner.config.unet, device, start)
-    images = load_training_images(config.data, config.crop)
-    if config.max_images:
-        images = images[: config.max_images]
+    run = RunState(TRAIN_STATE_FORMAT, {"refiner_config": refiner.config.to_dict(),
+                                        "codecs": [asdict(c) for c in refiner.codecs]}, "refiner")
+    start = resume_on(refiner, optimizer, run_dir, run, device)
+    images = config.training_images(config.data)
     started = time.perf_counter()
     pools = [decoded_training_set(codec, images, config.cache_dir) for codec in codecs]
     log.info("decoded %d training images with %d codec(s) in %.1f s", len(images), len(codecs),
              time.perf_counter() - started)
-    crops = AlignedCrops(pools, config.crop, config.seed + start)
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + start)
-    amp_dtype = autocast_dtype(device, config.amp)
-    progress, last_loss = ProgressLog(config.steps, config.log_every), math.nan
-    for step in range(start, config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, config)
-        x0, x_hat, y_hat, rates = (t.to(device, non_blocking=True) for t in crops.batch(config.batch_size))
+
+    def batch_loss(batch, generator, amp_dtype):
+        x0, x_hat, y_hat, rates = batch
         loss, identity = refiner_loss(refiner, x0, x_hat, y_hat, rates, generator, config.loss, amp_dtype)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(refiner.parameters(), config.clip_grad_norm)
-        optimizer.step()
-        last_loss = loss.item()
-        progress.add(step, loss=last_loss, identity_loss=identity.item(), codec_psnr=_psnr(x_hat, x0))
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            _save(refiner, optimizer, run_dir, config, step + 1)
-    return _release(refiner, run_dir, config, device, len(images), last_loss)
+        return loss, {"identity_loss": identity.item(), "codec_psnr": _psnr(x_hat, x0)}
+
+    crops = AlignedCrops(pools, config.crop, config.seed + start)
+    last_loss = run_steps(refiner, optimizer, crops, config, run_dir, run, device, start, batch_loss)
+    record = provenance(config, device, len(images), last_loss, xhat_source=XHAT_SOURCE)
+    return release(refiner, run_dir / REFINER_FILE, record, save_refiner, "refiner")
 
 
 def _psnr(x_hat: torch.Tensor, x0: torch.Tensor) -> float:
     return -10.0 * math.log10(max(F.mse_loss(x_hat, x0).item(), 1e-10))
-
-
-def _learning_rate(step: int, config: RefinerTrainConfig) -> float:
-    warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
-    return warmup * step_learning_rate(step, config.steps, config.lr, config.lr_decay_at)
 
 
 def _check_codecs(codecs: Sequence[LearnedCodec]) -> None:
@@ -274,61 +228,3 @@ def _check_codecs(codecs: Sequence[LearnedCodec]) -> None:
         raise ValueError(f"one refiner serves the rate points of one architecture; got {sorted(shapes)}")
     if len({c.model.identity.sha256 for c in codecs}) != len(codecs):
         raise ValueError("the same codec was named twice")
-
-
-def _restore(refiner: Refiner, optimizer: torch.optim.Optimizer, run_dir: Path) -> int:
-    state = load_state(run_dir)
-    if state is None:
-        return 0
-    if state.get("format") != TRAIN_STATE_FORMAT:
-        raise ValueError(f"{run_dir} holds another job's training state; use a fresh --run-dir")
-    if state["refiner_config"] != refiner.config.to_dict() or state["codecs"] != [asdict(c) for c in refiner.codecs]:
-        raise ValueError(
-            f"{run_dir} holds a refiner run with another configuration or codec set; "
-            "resume it with the same options or use a fresh --run-dir"
-        )
-    refiner.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    log.info("resuming %s at step %d", run_dir, state["step"])
-    return int(state["step"])
-
-
-def _save(
-    refiner: Refiner, optimizer: torch.optim.Optimizer, run_dir: Path, config: RefinerTrainConfig, step: int
-) -> None:
-    state = {
-        "format": TRAIN_STATE_FORMAT,
-        "config": jsonable(asdict(config)),
-        "refiner_config": refiner.config.to_dict(),
-        "codecs": [asdict(c) for c in refiner.codecs],
-        "step": step,
-        "model": {k: v.detach().cpu() for k, v in refiner.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-    }
-    log.info("saved %s at step %d", save_state(run_dir, state), step)
-
-
-def _release(refiner: Refiner, run_dir: Path, config: RefinerTrainConfig, device: torch.device, images: int,
-             last_loss: float) -> Path:
-    provenance = {
-        "training": jsonable(asdict(config)),
-        "steps": config.steps,
-        "training_images": images,
-        "xhat_source": XHAT_SOURCE,
-        "final_batch_loss": last_loss,
-        "device": str(device),
-        "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
-    path = run_dir / REFINER_FILE
-    refiner.eval()
-    sha256 = save_refiner(refiner.cpu(), path, provenance)
-    log.info("released %s (refiner sha256 %s)", path, sha256)
-    return path
-
-
-def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                state[key] = value.to(device)

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
 import torch
 
+from ncpipe.codec import LearnedCodec
 from ncpipe.diffusion.unet import Denoiser, UNet, UNetConfig
 
 TINY = UNetConfig(base_channels=8, channel_mults=(1, 2), time_embed_dim=32)
+# Two sizes that pad to the same 64x128 codec canvas: one batch, different crops.
+SIZES = ((50, 100), (64, 90))
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tensors here are tiny: intra-op threads only add sync cost, 30x on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread: None) -> None:
+    """Every test here runs torch on one thread (tests/conftest.py says why)."""
 
 
 def perturbed(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
@@ -34,3 +31,8 @@ def perturbed(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> to
 def tiny_denoiser() -> Denoiser:
     torch.manual_seed(0)
     return perturbed(Denoiser(UNet(TINY))).eval()
+
+
+@pytest.fixture(scope="module")
+def codec(tiny_codec: LearnedCodec) -> LearnedCodec:
+    return tiny_codec

@@ -23,21 +23,9 @@ from ncpipe.diffusion.refiner import (
     refiner_digest,
     save_refiner,
 )
-from ncpipe.diffusion.unet import UNetConfig
-from ncpipe.models.checkpoint import load_codec_model
-from tests.diffusion.conftest import perturbed
+from tests.diffusion.conftest import SIZES, perturbed
+from tests.diffusion.conftest import TINY as TINY_UNET
 from tests.factories import kodak_pixels
-
-TINY_UNET = UNetConfig(base_channels=8, channel_mults=(1, 2), time_embed_dim=32)
-# Two sizes that pad to the same 64x128 codec canvas: one refine batch, different crops.
-SIZES = ((50, 100), (64, 90))
-
-
-@pytest.fixture(scope="module")
-def codec(tiny_model_path: Path) -> LearnedCodec:
-    codec = LearnedCodec(load_codec_model(tiny_model_path), coder_threads=1)
-    yield codec
-    codec.close()
 
 
 def encode_decode(codec: LearnedCodec, images: list[np.ndarray]) -> DecodedBatch:

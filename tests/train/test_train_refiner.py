@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ import torch
 from ncpipe.codec import LearnedCodec
 from ncpipe.diffusion.commands import register_train, train_refiner_config
 from ncpipe.diffusion.refiner import Refiner, TrainedCodec, load_refiner
-from ncpipe.models.checkpoint import load_codec_model
 from ncpipe.train.loop import load_state
 from ncpipe.train.refiner_trainer import (
     XHAT_SOURCE,
@@ -31,19 +29,6 @@ TINY = dict(base_channels=8, channel_mults=(1, 2), time_embed_dim=32, crop=32, b
             warmup_steps=1, log_every=1, device="cpu", threads=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def codec(tiny_model_path: Path) -> LearnedCodec:
-    codec = LearnedCodec(load_codec_model(tiny_model_path), coder_threads=1)
-    yield codec
-    codec.close()
 
 
 def test_training_pairs_are_what_the_decoder_reconstructs(codec: LearnedCodec) -> None:
