@@ -78,10 +78,12 @@ def classical_decode(images, names, threads: int) -> dict[str, float]:
     return rates
 
 
-def decompress_job(archive: Path, output: Path, batch: int, device: str) -> dict:
+def decompress_job(archive: Path, output: Path, batch: int, device: str, refiner: str | None = None,
+                   steps: int = 0) -> dict:
     started = time.perf_counter()
     summary = run_decompress(DecompressConfig(inputs=(str(archive),), output=str(output), batch_size=batch,
-                                              device=device, overwrite=True, cluster=ClusterConfig()))
+                                              device=device, overwrite=True, cluster=ClusterConfig(),
+                                              refiner=refiner, refine_steps=steps or 4))
     wall = time.perf_counter() - started
     if not summary.complete or summary.errors:
         raise RuntimeError(f"benchmark restore did not complete cleanly:\n{summary.text()}")
@@ -99,6 +101,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--baselines", nargs="*", default=["jpeg", "webp", "avif", "jpegxl"])
+    parser.add_argument("--refiner", help="an NC-Diffusion refiner for --model: also restore with it at each K")
+    parser.add_argument("--refiner-steps", type=lambda t: [int(v) for v in t.split(",")], default=[1, 2, 4, 8])
     parser.add_argument("--out", type=Path, default=Path("out/bench/decode_throughput.json"))
     args = parser.parse_args()
 
@@ -119,6 +123,11 @@ def main() -> None:
                                     device=args.device, metrics=False))
         results["ncpipe_decompress"] = decompress_job(Path(tmp) / "archive", Path(tmp) / "restored",
                                                       args.batch, args.device)
+        results["ncpipe_decompress_refined"] = {
+            str(k): decompress_job(Path(tmp) / "archive", Path(tmp) / f"refined-{k}", args.batch, args.device,
+                                   args.refiner, k)
+            for k in (args.refiner_steps if args.refiner else [])
+        }
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
@@ -129,8 +138,12 @@ def print_table(r: dict) -> None:
     rows = [
         ("(a) model ceiling: exact h_s + g_s", r["ceiling_images_per_s"], job / r["ceiling_images_per_s"]),
         ("(b) ncpipe decompress job", job, 1.0),
-        ("(c) CompressAI decompress() loop", r["compressai_loop_images_per_s"], job / r["compressai_loop_images_per_s"]),
-    ] + [(f"(d) {name} decode", rate, job / rate) for name, rate in r["classical_images_per_s"].items()]
+        ("(c) CompressAI decompress() loop", r["compressai_loop_images_per_s"],
+         job / r["compressai_loop_images_per_s"]),
+    ] + [(f"(d) {name} decode", rate, job / rate) for name, rate in r["classical_images_per_s"].items()] + [
+        (f"(e) decompress + NC-Diffusion K={k}", v["steady_images_per_s"], job / v["steady_images_per_s"])
+        for k, v in r["ncpipe_decompress_refined"].items()
+    ]
     print(f"{r['machine']} | device {r['device']} | {r['images']} images | batch {r['batch']} | {r['date']}")
     print(f"{'measurement':36s} {'images/s':>10s} {'ncpipe / this':>14s}")
     for name, rate, ratio in rows:

@@ -22,9 +22,9 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from benchmarks.common import by_shape, load_images, machine, now, sync, write_shards
@@ -36,12 +36,6 @@ from ncpipe.pipeline.jobs import run_compress
 from ncpipe.train.loop import resolve_device
 
 CLASSICAL_QUALITY = {"jpeg": 50, "webp": 50, "avif": 40, "jpegxl": 50}
-
-
-
-
-
-
 
 
 @torch.inference_mode()
@@ -85,14 +79,12 @@ def classical(images, names, threads: int) -> dict[str, float]:
     rates = {}
     with ThreadPoolExecutor(threads) as pool:
         for name, codec in get_baselines(names).items():
-            quality = CLASSICAL_QUALITY[name]
-            list(pool.map(lambda im: codec.encode(im, quality), images[:threads]))  # warm-up
+            encode = partial(codec.encode, quality=CLASSICAL_QUALITY[name])
+            list(pool.map(encode, images[:threads]))  # warm-up
             started = time.perf_counter()
-            list(pool.map(lambda im: codec.encode(im, quality), images))
+            list(pool.map(encode, images))
             rates[name] = len(images) / (time.perf_counter() - started)
     return rates
-
-
 
 
 def ncpipe_job(shards: list[str], model: str, output: Path, batch: int, device: str, metrics: bool) -> dict:

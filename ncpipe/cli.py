@@ -210,9 +210,11 @@ def _models(args: argparse.Namespace) -> int:
 
     for ref in list_models():
         card = ref.card or {}
-        results = card.get("kodak", {})
-        print(f"{ref.name:32s} {card.get('arch', '?'):22s} λ={card.get('rate', {}).get('lambda', '?'):<8} "
-              f"kodak {results.get('bpp', '?')} bpp {results.get('psnr', '?')} dB  sha256 {ref.expected_sha256[:12]}")
+        measured = (card.get("evaluations") or [{}])[0]
+        result = (f"{measured['dataset']}: {measured['bpp']:.3f} bpp {measured['psnr']:.2f} dB" if measured
+                  else "not evaluated")
+        print(f"{ref.name:32s} {card.get('arch', '?'):16s} λ={card.get('rate', {}).get('lambda', '?'):<8.4g} "
+              f"{result:40s} sha256 {ref.expected_sha256[:12]}")
     return 0
 
 

@@ -54,6 +54,7 @@ from ncpipe.diffusion.samplers import Denoise, sample_ddim, seeded_noise
 from ncpipe.diffusion.schedules import ddim_timesteps
 from ncpipe.diffusion.unet import Denoiser, UNet, UNetConfig, to_model_range
 from ncpipe.errors import NcpipeError
+from ncpipe.models.registry import resolve_model
 
 CORRDIFF_FORMAT = "ncpipe-corrdiff/1"
 CORRDIFF_FILE = "corrdiff.pt"
@@ -446,8 +447,10 @@ def load_corrdiff(path: str | Path, device: torch.device | str = "cpu", expected
                   codec_sha256: str | None = None) -> CorrDiffDecoder:
     """A decoder in eval mode on ``device``; refuses a digest other than ``expected_sha256`` and,
     when ``codec_sha256`` is given, a codec it was not trained for."""
-    checkpoint = read_weights_checkpoint(path, CORRDIFF_FORMAT, CorrDiffError, "CorrDiff")
+    ref = resolve_model(path, "corrdiff")
+    checkpoint = read_weights_checkpoint(ref.checkpoint, CORRDIFF_FORMAT, CorrDiffError, "CorrDiff")
     sha256 = refiner_digest(checkpoint)
+    expected_sha256 = expected_sha256 or ref.expected_sha256
     if expected_sha256 is not None and sha256 != expected_sha256:
         raise CorrDiffError(f"{path} has CorrDiff SHA-256 {sha256}, but {expected_sha256} was expected")
     (codec,) = checkpoint["codecs"]

@@ -45,6 +45,7 @@ from ncpipe.diffusion.guidance import GuidanceConfig, SampleGuidance
 from ncpipe.diffusion.samplers import Denoise, Guidance, sample_bridge, sample_ddim, seeded_noise
 from ncpipe.diffusion.schedules import EtaKind, bridge_step, ddim_timesteps, eta_schedule
 from ncpipe.diffusion.unet import Denoiser, Parameterization, UNet, UNetConfig, to_model_range
+from ncpipe.models.registry import resolve_model
 
 REFINER_FORMAT = "ncpipe-refiner/1"
 Process = Literal["bridge", "gaussian"]
@@ -405,8 +406,10 @@ def load_refiner(path: str | Path, device: torch.device | str = "cpu", expected_
                  codec_sha256: str | None = None) -> Refiner:
     """A refiner in eval mode on ``device``; refuses a digest other than ``expected_sha256`` and,
     when ``codec_sha256`` is given, a codec it was not trained for."""
-    checkpoint = read_refiner_checkpoint(path)
+    ref = resolve_model(path, "refiner")
+    checkpoint = read_refiner_checkpoint(ref.checkpoint)
     sha256 = refiner_digest(checkpoint)
+    expected_sha256 = expected_sha256 or ref.expected_sha256
     if expected_sha256 is not None and sha256 != expected_sha256:
         raise RefinerError(f"{path} has refiner SHA-256 {sha256}, but {expected_sha256} was expected")
     refiner = Refiner(RefinerConfig.from_dict(checkpoint["config"]),

@@ -80,6 +80,8 @@ def anchor_gap(bpp: float, psnr: float) -> dict[str, float] | None:
 
 
 def render_card(card: dict[str, Any]) -> str:
+    if card.get("kind", "codec") != "codec":
+        return render_decoder_card(card)
     train = card.get("training", {})
     lines = [
         f"# {card['name']}",
@@ -117,4 +119,24 @@ def render_card(card: dict[str, Any]) -> str:
         lines.append("")
     if card.get("notes"):
         lines += ["## Notes", "", card["notes"], ""]
+    return "\n".join(lines)
+
+
+def render_decoder_card(card: dict[str, Any]) -> str:
+    """The human-readable card of a diffusion decoder (refiner or CorrDiff)."""
+    codecs = ", ".join(f"`{c.get('name') or 'not in this registry'}` (λ = {c['rate']:.4g}, "
+                       f"sha256 `{c['sha256'][:12]}…`)" for c in card["codecs"])
+    lines = [
+        f"# {card['name']}", "", card.get("summary", ""), "",
+        "| field | value |", "| --- | --- |",
+        f"| kind | {card['kind']} |",
+        f"| decoder SHA-256 | `{card['sha256']}` |",
+        f"| file SHA-256 | `{card['file_sha256']}` |",
+        f"| for codecs | {codecs} |",
+        f"| network | `{json.dumps(card['config'], sort_keys=True)}` |",
+        f"| training | `{json.dumps(card.get('provenance', {}), sort_keys=True, default=str)}` |",
+        f"| released | {card['released']} with `{card['command']}` |", "",
+    ]
+    if card.get("measured"):
+        lines += ["## Measured", "", card["measured"], ""]
     return "\n".join(lines)

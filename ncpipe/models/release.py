@@ -12,7 +12,7 @@ from ncpipe.evaluation.learned import ImageResult, evaluate_learned, load_image_
 from ncpipe.models.architectures import build_adapter
 from ncpipe.models.cards import anchor_gap, machine_description, now_utc, write_card
 from ncpipe.models.checkpoint import file_sha256, load_codec_model, release_checkpoint, save_checkpoint
-from ncpipe.models.registry import CHECKPOINT_NAME
+from ncpipe.models.registry import CHECKPOINT_NAME, DECODER_FILES, find_by_sha256
 from ncpipe.train.loop import load_state
 
 log = logging.getLogger(__name__)
@@ -78,3 +78,43 @@ def release_run(
     log.info("released %s: %s", name, card["evaluations"][0])
     return card
 
+
+
+DECODER_FORMATS = {"ncpipe-refiner/1": "refiner", "ncpipe-corrdiff/1": "corrdiff"}
+
+
+def release_decoder(checkpoint_path: Path, directory: Path, summary: str, command: str,
+                    results: Path | None) -> dict[str, Any]:
+    """Copy a diffusion decoder (refiner or CorrDiff) into the registry folder ``directory`` with its card.
+
+    ``results`` is an ``evaluate-refiner`` / ``evaluate-corrdiff`` output folder whose ``summary.md``
+    (the measured table, with its command, machine and date) goes into the card verbatim.
+    """
+    import shutil
+
+    import torch
+
+    from ncpipe.diffusion.refiner import refiner_digest
+
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    kind = DECODER_FORMATS.get(checkpoint.get("format") if isinstance(checkpoint, dict) else None)
+    if kind is None:
+        raise ValueError(f"{checkpoint_path} is neither a refiner nor a CorrDiff checkpoint")
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / DECODER_FILES[kind]
+    shutil.copyfile(checkpoint_path, target)
+    card = {
+        "name": directory.name, "kind": kind, "summary": summary, "released": now_utc(),
+        "sha256": refiner_digest(checkpoint), "file_sha256": file_sha256(target),
+        "codecs": [{**c, "name": _registry_name(c["sha256"])} for c in checkpoint["codecs"]],
+        "config": checkpoint["config"],
+        "provenance": checkpoint.get("provenance", {}), "command": command,
+        "measured": (results / "summary.md").read_text() if results else None,
+    }
+    write_card(directory, card)
+    return card
+
+
+def _registry_name(sha256: str) -> str | None:
+    ref = find_by_sha256(sha256)
+    return ref.name if ref else None

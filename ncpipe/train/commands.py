@@ -190,6 +190,40 @@ def _release(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_release_decoder(sub) -> None:
+    p = sub.add_parser(
+        "release-decoder", help="put a trained refiner or CorrDiff decoder into the model registry",
+        description="Copies a `train refiner` / `train corrdiff` checkpoint to models/NAME/ with a card "
+        "(its SHA-256, codecs, network, training provenance and, from --results, the table an "
+        "`evaluate-refiner` / `evaluate-corrdiff` run measured). Then `--refiner NAME` / `--corrdiff NAME` "
+        "load it by name.",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="refiner.pt or corrdiff.pt of a training run")
+    p.add_argument("--name", required=True, help="registry name: the folder under --models-dir")
+    p.add_argument("--results", metavar="DIR", help="an evaluate-refiner/evaluate-corrdiff output folder")
+    p.add_argument("--models-dir", default="models", help="registry folder (default: models)")
+    p.add_argument("--summary", help="one-line description for the card")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing registry entry of this name")
+    p.set_defaults(handler=_release_decoder)
+
+
+def _release_decoder(args: argparse.Namespace) -> int:
+    from ncpipe.models.release import release_decoder
+
+    results = Path(args.results) if args.results else None
+    if results is not None and not (results / "summary.md").is_file():
+        raise FileNotFoundError(f"--results: {results} holds no summary.md (an evaluate-refiner/-corrdiff output)")
+    directory = _registry_folder(args.models_dir, args.name, args.overwrite)
+    command = command_line(["train", "release-decoder", args.checkpoint], [
+        ("--name", args.name), ("--results", args.results), ("--models-dir", args.models_dir),
+        ("--summary", args.summary), ("--overwrite", args.overwrite),
+    ])
+    card = release_decoder(Path(args.checkpoint), directory, args.summary or "A diffusion decoder.", command,
+                           results)
+    print(f"released {directory}: {card['kind']} sha256 {card['sha256']}")
+    return 0
+
+
 # -- ncpipe train import-zoo -----------------------------------------------------------------
 
 
@@ -276,6 +310,7 @@ def register(subparsers) -> None:
     train_sub = p.add_subparsers(dest="train_command", required=True, metavar="TRAIN_COMMAND")
     _add_train_codec(train_sub)
     _add_release(train_sub)
+    _add_release_decoder(train_sub)
     _add_import_zoo(train_sub)
     refiner_commands.register_train(train_sub)
     corrdiff_commands.register_train(train_sub)

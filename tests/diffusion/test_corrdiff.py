@@ -38,6 +38,7 @@ from ncpipe.diffusion.refiner import TrainedCodec, canvas_size, fit_canvas
 from ncpipe.diffusion.samplers import sample_ddim
 from ncpipe.diffusion.schedules import ddim_timesteps
 from ncpipe.diffusion.unet import to_model_range
+from ncpipe.models.checkpoint import CheckpointError
 from tests.diffusion.conftest import SIZES, perturbed
 from tests.diffusion.conftest import TINY as TINY_UNET
 from tests.factories import kodak_pixels
@@ -236,7 +237,7 @@ def test_checkpoint_round_trip_and_binding(codec, decoder, tmp_path: Path) -> No
     torch.save({"format": "ncpipe-refiner/1"}, tmp_path / "refiner.pt")
     with pytest.raises(CorrDiffError, match="not an ncpipe-corrdiff/1 checkpoint"):
         load_corrdiff(tmp_path / "refiner.pt")
-    with pytest.raises(CorrDiffError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="no corrdiff named or at"):
         load_corrdiff(tmp_path / "missing.pt")
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from ncpipe.cli import main
 from ncpipe.codec import LearnedCodec
 from ncpipe.diffusion.refiner import (
     DecodedBatch,
@@ -23,6 +24,8 @@ from ncpipe.diffusion.refiner import (
     refiner_digest,
     save_refiner,
 )
+from ncpipe.models.checkpoint import CheckpointError
+from ncpipe.models.registry import list_models, resolve_model
 from tests.diffusion.conftest import SIZES, perturbed
 from tests.diffusion.conftest import TINY as TINY_UNET
 from tests.factories import kodak_pixels
@@ -152,13 +155,34 @@ def test_digest_covers_weights_config_and_codecs(codec, tmp_path: Path) -> None:
 
 
 def test_rejects_files_that_are_not_refiners(tmp_path: Path, tiny_model_path: Path) -> None:
-    with pytest.raises(RefinerError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="no refiner named or at"):
         load_refiner(tmp_path / "missing.pt")
     with pytest.raises(RefinerError, match="not an ncpipe-refiner/1"):
         load_refiner(tiny_model_path)  # a codec checkpoint
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RefinerError, match="weights-only"):
         load_refiner(tmp_path / "junk.pt")
+
+
+def test_a_released_refiner_loads_by_name_and_is_not_a_codec(codec, tmp_path, monkeypatch, capsys) -> None:
+    refiner = make_refiner(codec)
+    sha256 = save_refiner(refiner, tmp_path / "run" / "refiner.pt", {"steps": 3})
+    models = tmp_path / "models"
+    monkeypatch.setenv("NCPIPE_MODEL_DIRS", str(models))
+    assert main(["train", "release-decoder", str(tmp_path / "run" / "refiner.pt"), "--name", "nc-tiny",
+                 "--models-dir", str(models), "--summary", "a test refiner"]) == 0
+    assert load_refiner("nc-tiny").sha256 == sha256
+    assert [ref.name for ref in list_models("refiner")] == ["nc-tiny"]
+    assert "nc-tiny" not in [ref.name for ref in list_models()]
+    with pytest.raises(CheckpointError, match="'nc-tiny' is a refiner, not a codec"):
+        resolve_model("nc-tiny")
+    readme = (models / "nc-tiny" / "README.md").read_text()
+    assert sha256 in readme and "a test refiner" in readme
+    with torch.no_grad():
+        next(refiner.parameters()).add_(1e-3)
+    save_refiner(refiner, models / "nc-tiny" / "refiner.pt", {"steps": 3})  # other weights under the card
+    with pytest.raises(RefinerError, match=f"but {sha256} was expected"):
+        load_refiner("nc-tiny")
 
 
 def test_config_round_trips_and_derives_the_conditioning_sizes() -> None:
