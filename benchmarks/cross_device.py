@@ -1,7 +1,7 @@
 """Cross-device decodability of ncpipe bitstreams, and what the exact integer path costs in rate.
 
-    python benchmarks/cross_device.py ../shared/data/kodak                       # CPU: every registry model
-    python benchmarks/cross_device.py ../shared/data/kodak --devices cpu,cuda    # GPU machine: all pairs
+    python -m benchmarks.cross_device ../shared/data/kodak                       # CPU: every registry model
+    python -m benchmarks.cross_device ../shared/data/kodak --devices cpu,cuda    # GPU machine: all pairs
 
 For every registry model (each is a shipped rate point) over the images of a directory:
 

@@ -1,6 +1,6 @@
 """Decode throughput of ncpipe against baselines measured in the same run, on the same images.
 
-    python -m benchmarks.decode_throughput --images ../shared/data/kodak --model mbt2018-mean-small-l0067
+    python -m benchmarks.decode_throughput --images ../shared/data/kodak --model mbt2018-mean-small-l0018
 
 (a) model ceiling: exact h_s and g_s at batch B on the device (latents already decoded).
 (b) the ncpipe decompress job: bitstream shards in, PNG shards out, on an embedded Ray;

@@ -1,6 +1,6 @@
 """Encode throughput of ncpipe against baselines measured in the same run, on the same images.
 
-    python benchmarks/throughput.py --images ../shared/data/kodak --model mbt2018-mean-small-l0067
+    python -m benchmarks.throughput --images ../shared/data/kodak --model mbt2018-mean-small-l0018
 
 (a) model ceiling: g_a, h_a and h_s (the entropy-parameter prediction) at batch B on the
     device, nothing else; with ``+g_s`` also the synthesis ncpipe runs for its metrics.

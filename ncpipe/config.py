@@ -16,7 +16,7 @@ from ncpipe.bitstream import MAX_CORRECTION_STEPS
 from ncpipe.errors import NcpipeError
 from ncpipe.images import DEFAULT_MAX_PIXELS
 
-DEFAULT_MODEL = "mbt2018-mean-small-l0067"
+DEFAULT_MODEL = "mbt2018-mean-small-l0018"
 
 
 class ConfigError(NcpipeError, ValueError):

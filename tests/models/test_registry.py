@@ -14,6 +14,7 @@ from PIL import Image
 
 from ncpipe.cli import main
 from ncpipe.codec import LearnedCodec
+from ncpipe.config import DEFAULT_MODEL
 from ncpipe.models.architectures import build_adapter
 from ncpipe.models.checkpoint import (
     CheckpointError,
@@ -23,7 +24,7 @@ from ncpipe.models.checkpoint import (
     read_checkpoint,
     release_checkpoint,
 )
-from ncpipe.models.registry import load_model, resolve_model
+from ncpipe.models.registry import list_models, load_model, resolve_model
 from ncpipe.models.zoo import ZOO_MSE_LAMBDAS
 from ncpipe.train.loop import load_state
 from tests.factories import BSDS, kodak_pixels
@@ -222,3 +223,12 @@ def test_zoo_import_never_downloads_and_names_where_it_looked(tmp_path, monkeypa
     expected_dir = tmp_path / "empty" / "hub" / "checkpoints"
     assert f"no CompressAI zoo file mbt2018-mean-2-*.pth.tar in {expected_dir}" in caplog.text
     assert "never downloads" in caplog.text
+
+
+def test_the_default_model_is_the_shipped_codec_closest_to_its_published_anchor(monkeypatch):
+    """The README demo's default must be the best shipped codec: the smallest PSNR gap to CompressAI's
+    published mbt2018-mean curve at its own bpp, as measured on Kodak in its card."""
+    monkeypatch.delenv("NCPIPE_MODEL_DIRS", raising=False)
+    gaps = {ref.name: ref.card["evaluations"][0]["anchor_gap"]["psnr_gap_db"] for ref in list_models()}
+    assert len(gaps) >= 4
+    assert DEFAULT_MODEL == max(gaps, key=gaps.get)
