@@ -213,7 +213,8 @@ def pack(bitstream: Bitstream) -> bytes:
         parts.append(bytes([len(bitstream.extensions)]))
         for extension in bitstream.extensions:
             if extension.kind not in EXTENSION_KINDS or len(extension.payload) > MAX_EXTENSION_BYTES:
-                raise BitstreamError(f"extension kind {extension.kind} ({len(extension.payload)} bytes) cannot be written")
+                raise BitstreamError(
+                    f"extension kind {extension.kind} ({len(extension.payload)} bytes) cannot be written")
             head = _EXTENSION_HEADER.pack(extension.kind, len(extension.payload))
             parts += [head, extension.payload, _CRC.pack(zlib.crc32(head + extension.payload))]
     return b"".join(parts)
@@ -233,7 +234,8 @@ def parse_header(data: bytes | memoryview, max_pixels: int | None = DEFAULT_MAX_
     fields = _HEADER.unpack(fixed)
     version, arch_code = fields[1], fields[2]
     if version not in SUPPORTED_VERSIONS:
-        raise BitstreamError(f"format version {version} is not supported (this ncpipe reads {sorted(SUPPORTED_VERSIONS)})")
+        raise BitstreamError(
+            f"format version {version} is not supported (this ncpipe reads {sorted(SUPPORTED_VERSIONS)})")
     if arch_code not in ARCHITECTURE_CODES:
         raise BitstreamError(f"unknown architecture code {arch_code}")
     if fields[7] not in SOURCE_MODE_CODES:

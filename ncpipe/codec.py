@@ -209,7 +209,8 @@ class LearnedCodec:
         return header, LatentSymbols(z, y)
 
     @torch.inference_mode()
-    def synthesise(self, headers: Sequence[fmt.BitstreamHeader], symbols: Sequence[LatentSymbols]) -> list[torch.Tensor]:
+    def synthesise(self, headers: Sequence[fmt.BitstreamHeader],
+                   symbols: Sequence[LatentSymbols]) -> list[torch.Tensor]:
         """Decoded symbols of images sharing one latent shape -> x̂ (3,h,w) in [0,1], on the device."""
         z = torch.from_numpy(np.stack([s.z for s in symbols]))
         y = torch.from_numpy(np.stack([s.y for s in symbols])).to(self.device, torch.float64)

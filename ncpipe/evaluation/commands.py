@@ -10,7 +10,8 @@ from ncpipe.operations.jobspec import merge_overrides, spec_fields
 log = logging.getLogger(__name__)
 
 EVALUATE_KIND = "evaluate"
-_BASELINE_NAMES = ("jpeg", "webp", "avif", "jpegxl")  # ncpipe.evaluation.baselines.BASELINE_NAMES (not imported: --help stays instant)
+# ncpipe.evaluation.baselines.BASELINE_NAMES, not imported so that --help stays instant
+_BASELINE_NAMES = ("jpeg", "webp", "avif", "jpegxl")
 
 
 def register(subparsers) -> None:
@@ -23,20 +24,25 @@ def register(subparsers) -> None:
         "rd_psnr.png/rd_msssim.png into --output. Fields can come from --spec FILE.yaml "
         f"(kind: {EVALUATE_KIND}, spec: {{field: value}}); flags override the file.",
     )
-    p.add_argument("--spec", metavar="FILE.yaml", help=f"a kind: {EVALUATE_KIND} spec file (e.g. jobs/evaluate-kodak.yaml)")
+    p.add_argument("--spec", metavar="FILE.yaml",
+                   help=f"a kind: {EVALUATE_KIND} spec file (e.g. jobs/evaluate-kodak.yaml)")
     p.add_argument("--images", metavar="DIR", default=argparse.SUPPRESS,
                    help="image folder (default: ../shared/data/kodak from the repository root)")
     p.add_argument("--models", nargs="+", metavar="NAME_OR_PATH", default=argparse.SUPPRESS,
                    help="registry names, model folders or checkpoint files (default: every registry model)")
     baselines = p.add_mutually_exclusive_group()
-    baselines.add_argument("--baselines", nargs="+", choices=_BASELINE_NAMES, metavar="NAME", default=argparse.SUPPRESS,
+    baselines.add_argument("--baselines", nargs="+", choices=_BASELINE_NAMES, metavar="NAME",
+                           default=argparse.SUPPRESS,
                            help=f"classical codecs to run, of {', '.join(_BASELINE_NAMES)} (default: all; a missing "
                            "one is an error that names it)")
     baselines.add_argument("--no-baselines", dest="baselines", action="store_const", const=[],
                            default=argparse.SUPPRESS, help="learned codecs only")
-    p.add_argument("--output", "-o", metavar="DIR", default=argparse.SUPPRESS, help="output folder (default: out/evaluate)")
-    p.add_argument("--device", default=argparse.SUPPRESS, help="auto (GPU when present), cpu or cuda[:N] (default: auto)")
-    p.add_argument("--update-cards", dest="update_cards", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+    p.add_argument("--output", "-o", metavar="DIR", default=argparse.SUPPRESS,
+                   help="output folder (default: out/evaluate)")
+    p.add_argument("--device", default=argparse.SUPPRESS,
+                   help="auto (GPU when present), cpu or cuda[:N] (default: auto)")
+    p.add_argument("--update-cards", dest="update_cards", action=argparse.BooleanOptionalAction,
+                   default=argparse.SUPPRESS,
                    help="write the measured means into each evaluated registry model's card.json and README.md "
                    "(replacing its entry for this image set)")
     p.add_argument("--max-images", type=int, metavar="N", default=argparse.SUPPRESS,
@@ -56,7 +62,8 @@ def evaluate_config(args: argparse.Namespace):
 
     spec = spec_fields(args.spec, EVALUATE_KIND) if args.spec else {}
     overrides = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)}
-    return config_from_mapping(EvaluateConfig, merge_overrides(spec, overrides), f"{args.spec} spec" if args.spec else "")
+    context = f"{args.spec} spec" if args.spec else ""
+    return config_from_mapping(EvaluateConfig, merge_overrides(spec, overrides), context)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -339,7 +339,8 @@ def bd_table(summary: Sequence[SummaryRow]) -> list[BdEntry]:
     for series in learned:
         for baseline in baselines:
             for metric in BD_METRICS:
-                entries.append(_bd_entry(series, curves[(LEARNED, series)], baseline, curves[(BASELINE, baseline)], metric))
+                entries.append(_bd_entry(series, curves[(LEARNED, series)], baseline,
+                                         curves[(BASELINE, baseline)], metric))
     return entries
 
 

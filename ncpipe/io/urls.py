@@ -25,7 +25,9 @@ SHARD_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _QUERY_PROTOCOLS = ("http", "https")  # URLs whose '?' begins a query string
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID", "RAY_AUTH_TOKEN")
+_SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID", "RAY_AUTH_TOKEN",
+)
 _MIN_SECRET_LEN = 4  # replacing shorter values would garble every message and protect nothing
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?:[^\s/@:]*:[^\s@]*|[^\s/@:]+)@")
 _QUERY_PARAM = re.compile(r"(?P<head>[?&;](?P<name>[A-Za-z0-9_.-]+)=)(?P<value>[^&\s#\"'<>]*)")
