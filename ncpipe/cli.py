@@ -206,7 +206,7 @@ def _add_models(sub) -> None:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from ncpipe.models.registry import list_models
+    from ncpipe.models.registry import DECODER_FILES, list_models
 
     for ref in list_models():
         card = ref.card or {}
@@ -215,6 +215,10 @@ def _models(args: argparse.Namespace) -> int:
                   else "not evaluated")
         print(f"{ref.name:32s} {card.get('arch', '?'):16s} λ={card.get('rate', {}).get('lambda', '?'):<8.4g} "
               f"{result:40s} sha256 {ref.expected_sha256[:12]}")
+    for kind in DECODER_FILES:
+        for ref in list_models(kind):
+            codecs = ", ".join(c.get("name") or c["sha256"][:12] for c in ref.card["codecs"])
+            print(f"{ref.name:32s} {kind:16s} for {codecs:52s} sha256 {ref.expected_sha256[:12]}")
     return 0
 
 
