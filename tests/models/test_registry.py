@@ -229,6 +229,8 @@ def test_the_default_model_is_the_shipped_codec_closest_to_its_published_anchor(
     """The README demo's default must be the best shipped codec: the smallest PSNR gap to CompressAI's
     published mbt2018-mean curve at its own bpp, as measured on Kodak in its card."""
     monkeypatch.delenv("NCPIPE_MODEL_DIRS", raising=False)
-    gaps = {ref.name: ref.card["evaluations"][0]["anchor_gap"]["psnr_gap_db"] for ref in list_models()}
-    assert len(gaps) >= 4
+    measured = {ref.name: ref.card["evaluations"][0]["anchor_gap"] for ref in list_models()}
+    assert len(measured) >= 4
+    # a model below the published curve's lowest rate has no gap to compare
+    gaps = {name: gap["psnr_gap_db"] for name, gap in measured.items() if gap}
     assert DEFAULT_MODEL == max(gaps, key=gaps.get)
