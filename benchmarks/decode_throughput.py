@@ -79,11 +79,11 @@ def classical_decode(images, names, threads: int) -> dict[str, float]:
 
 
 def decompress_job(archive: Path, output: Path, batch: int, device: str, refiner: str | None = None,
-                   steps: int = 0) -> dict:
+                   steps: int | None = None) -> dict:
     started = time.perf_counter()
     summary = run_decompress(DecompressConfig(inputs=(str(archive),), output=str(output), batch_size=batch,
                                               device=device, overwrite=True, cluster=ClusterConfig(),
-                                              refiner=refiner, refine_steps=steps or 4))
+                                              **({"refiner": refiner, "refine_steps": steps} if refiner else {})))
     wall = time.perf_counter() - started
     if not summary.complete or summary.errors:
         raise RuntimeError(f"benchmark restore did not complete cleanly:\n{summary.text()}")

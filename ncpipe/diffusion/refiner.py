@@ -383,17 +383,20 @@ def save_refiner(refiner: Refiner, path: str | Path, provenance: dict[str, Any])
     return refiner.sha256
 
 
-def read_weights_checkpoint(path: str | Path, format_: str, error: type[Exception], label: str) -> dict[str, Any]:
-    """A checkpoint dict of ``format_`` (weights only; no code runs), or ``error`` saying what is wrong."""
+def read_weights_checkpoint(path: str | Path, format_: str | tuple[str, ...], error: type[Exception],
+                            label: str) -> dict[str, Any]:
+    """A checkpoint dict of ``format_`` (or of any of several; weights only, no code runs), or ``error``
+    saying what is wrong."""
     path = Path(path)
+    formats = (format_,) if isinstance(format_, str) else format_
     if not path.is_file():
         raise error(f"{label} checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad file; all mean "unreadable"
         raise error(f"{path} is not a loadable weights-only checkpoint: {err}") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != format_:
-        raise error(f"{path} is not an {format_} checkpoint")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") not in formats:
+        raise error(f"{path} is not an {' or '.join(formats)} checkpoint")
     return checkpoint
 
 

@@ -11,7 +11,7 @@ from ncpipe.codec import LearnedCodec
 from ncpipe.evaluation.learned import ImageResult, evaluate_learned, load_image_set
 from ncpipe.models.architectures import build_adapter
 from ncpipe.models.cards import anchor_gap, machine_description, now_utc, write_card
-from ncpipe.models.checkpoint import file_sha256, load_codec_model, release_checkpoint, save_checkpoint
+from ncpipe.models.checkpoint import CheckpointError, file_sha256, load_codec_model, release_checkpoint, save_checkpoint
 from ncpipe.models.registry import CHECKPOINT_NAME, DECODER_FILES, find_by_sha256
 from ncpipe.train.loop import load_state
 
@@ -92,14 +92,11 @@ def release_decoder(checkpoint_path: Path, directory: Path, summary: str, comman
     """
     import shutil
 
-    import torch
+    from ncpipe.diffusion.refiner import read_weights_checkpoint, refiner_digest
 
-    from ncpipe.diffusion.refiner import refiner_digest
-
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    kind = DECODER_FORMATS.get(checkpoint.get("format") if isinstance(checkpoint, dict) else None)
-    if kind is None:
-        raise ValueError(f"{checkpoint_path} is neither a refiner nor a CorrDiff checkpoint")
+    checkpoint = read_weights_checkpoint(checkpoint_path, tuple(DECODER_FORMATS), CheckpointError,
+                                         "diffusion decoder")
+    kind = DECODER_FORMATS[checkpoint["format"]]
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / DECODER_FILES[kind]
     shutil.copyfile(checkpoint_path, target)

@@ -128,17 +128,22 @@ def _add_release(sub) -> None:
         "The card records this command line.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a `train codec` run_dir (holding train_state.pt)")
-    p.add_argument("--name", required=True, help="registry name: the folder under --models-dir")
+    _add_registry_options(p)
     p.add_argument("--eval-images", metavar="DIR", help="images measured for the card (default: "
                    "../shared/data/kodak from the repository root)")
     p.add_argument("--dataset", help="name of the measured set in the card (default: the folder's name)")
-    p.add_argument("--models-dir", default="models", help="registry folder (default: models)")
-    p.add_argument("--summary", help="one-line description for the card")
     p.add_argument("--series", help="RD series the model belongs to in `ncpipe evaluate` (default: its architecture)")
     p.add_argument("--hardware", help="what it was trained on, for the card (e.g. '1x H100')")
     p.add_argument("--wall-hours", type=float, help="training wall time, for the card")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing registry model of this name")
     p.set_defaults(handler=_release)
+
+
+def _add_registry_options(p) -> None:
+    """Where a released model goes and what its card says: shared by every release command."""
+    p.add_argument("--name", required=True, help="registry name: the folder under --models-dir")
+    p.add_argument("--models-dir", default="models", help="registry folder (default: models)")
+    p.add_argument("--summary", help="one-line description for the card")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing registry entry of this name")
 
 
 def _registry_folder(models_dir: str, name: str, overwrite: bool) -> Path:
@@ -199,11 +204,8 @@ def _add_release_decoder(sub) -> None:
         "load it by name.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="refiner.pt or corrdiff.pt of a training run")
-    p.add_argument("--name", required=True, help="registry name: the folder under --models-dir")
+    _add_registry_options(p)
     p.add_argument("--results", metavar="DIR", help="an evaluate-refiner/evaluate-corrdiff output folder")
-    p.add_argument("--models-dir", default="models", help="registry folder (default: models)")
-    p.add_argument("--summary", help="one-line description for the card")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing registry entry of this name")
     p.set_defaults(handler=_release_decoder)
 
 

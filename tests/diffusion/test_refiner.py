@@ -164,7 +164,7 @@ def test_rejects_files_that_are_not_refiners(tmp_path: Path, tiny_model_path: Pa
         load_refiner(tmp_path / "junk.pt")
 
 
-def test_a_released_refiner_loads_by_name_and_is_not_a_codec(codec, tmp_path, monkeypatch, capsys) -> None:
+def test_a_released_refiner_loads_by_name_and_is_not_a_codec(codec, tmp_path, monkeypatch, caplog) -> None:
     refiner = make_refiner(codec)
     sha256 = save_refiner(refiner, tmp_path / "run" / "refiner.pt", {"steps": 3})
     models = tmp_path / "models"
@@ -172,6 +172,10 @@ def test_a_released_refiner_loads_by_name_and_is_not_a_codec(codec, tmp_path, mo
     assert main(["train", "release-decoder", str(tmp_path / "run" / "refiner.pt"), "--name", "nc-tiny",
                  "--models-dir", str(models), "--summary", "a test refiner"]) == 0
     assert load_refiner("nc-tiny").sha256 == sha256
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert main(["train", "release-decoder", str(tmp_path / "junk.pt"), "--name", "junk",
+                 "--models-dir", str(models)]) == 2  # a clear error, not a traceback
+    assert "not a loadable weights-only checkpoint" in caplog.text
     assert "nc-tiny" in [ref.name for ref in list_models("refiner")]
     assert "nc-tiny" not in [ref.name for ref in list_models()]
     with pytest.raises(CheckpointError, match="'nc-tiny' is a refiner, not a codec"):
