@@ -3,14 +3,15 @@
     python -m benchmarks.cross_device ../shared/data/kodak                       # CPU: every registry model
     python -m benchmarks.cross_device ../shared/data/kodak --devices cpu,cuda    # GPU machine: all pairs
 
-For every registry model (each is a shipped rate point) over the images of a directory:
+For every registry model over the images of a directory (a variable-rate model at each of
+``--qualities``: by default its lowest, default and highest level):
 
 (1) Decodability. Each image is encoded under every (encode device, batch size, torch threads)
     configuration; every bitstream is then decoded *alone* on every (decode device, threads)
     configuration, and the decoded latents are compared bit for bit with the encoder's: the
-    symbols z and y, the scale-table indexes, and ŷ = y + μ (float64). Target: 100 % identical.
+    symbols z and y, the scale-table indexes, and ŷ = Δ·y + μ. Target: 100 % identical.
     ``--save-bitstreams DIR`` / ``--check-bitstreams DIR`` do the same across machines.
-(2) Rate cost. bpp of ncpipe's bitstreams against CompressAI's own float ``compress()`` with the
+(2) Rate cost (fixed-rate models: CompressAI's ``compress()`` has no quantization steps). bpp of ncpipe's bitstreams against CompressAI's own float ``compress()`` with the
     same model and padded input (CompressAI: its strings' bytes only; ncpipe: the coded streams,
     and separately its container overhead), plus CompressAI's float entropy parameters coded
     with ncpipe's rANS, which splits the difference into "integer h_s" and "coder".
@@ -95,19 +96,19 @@ def _codec(model: CodecModel, device: torch.device, threads: int) -> LearnedCode
 
 
 @torch.inference_mode()
-def encode_all(codec: LearnedCodec, images, batch_size: int, config: str) -> list[Encoded]:
+def encode_all(codec: LearnedCodec, images, batch_size: int, config: str, quality: int) -> list[Encoded]:
     out = []
     for group in batches(list(range(len(images))), images, batch_size):
-        analysed = codec.analyse([images[i][1] for i in group])
-        _, means = codec.entropy_parameters(torch.from_numpy(analysed.z_symbols))
-        means = means.cpu().numpy()
+        analysed = codec.analyse([images[i][1] for i in group], quality=quality)
+        qualities = [quality] * len(group)
+        _, means = codec.entropy_parameters(torch.from_numpy(analysed.z_symbols), qualities)
+        y_hat = codec.dequantize(torch.from_numpy(analysed.y_symbols), means, qualities).cpu().numpy()
         pending = [codec.submit_entropy_coding(analysed, k, "RGB") for k in range(len(group))]
         for k, (i, bitstream) in enumerate(zip(group, pending)):
-            y = analysed.y_symbols[k]
             out.append(Encoded(
                 config, i, bitstream.result(),
-                _digest(analysed.z_symbols[k], y, analysed.scale_indexes[k]),
-                _digest(y.astype(np.float64) + means[k]),
+                _digest(analysed.z_symbols[k], analysed.y_symbols[k], analysed.scale_indexes[k]),
+                _digest(y_hat[k]),
             ))
     return out
 
@@ -115,23 +116,31 @@ def encode_all(codec: LearnedCodec, images, batch_size: int, config: str) -> lis
 @torch.inference_mode()
 def decoded_digests(codec: LearnedCodec, data: bytes) -> tuple[str, str]:
     header, symbols = codec.decode_symbols(data)
-    indexes, means = codec.entropy_parameters(torch.from_numpy(symbols.z)[None])
-    indexes, means = indexes[0].cpu().numpy(), means[0].cpu().numpy()
-    return _digest(symbols.z, symbols.y, indexes), _digest(symbols.y.astype(np.float64) + means)
+    indexes, means = codec.entropy_parameters(torch.from_numpy(symbols.z)[None], [header.quality])
+    y_hat = codec.dequantize(torch.from_numpy(symbols.y)[None], means, [header.quality])
+    return _digest(symbols.z, symbols.y, indexes[0].cpu().numpy()), _digest(y_hat[0].cpu().numpy())
+
+
+def model_qualities(model: CodecModel, asked: list[int] | None) -> list[int]:
+    """The quality levels to test: ``asked``, or a variable-rate model's lowest, default and highest (0: fixed)."""
+    if model.quality is None:
+        return [0]
+    return asked or sorted({1, model.quality.default, len(model.quality.lambdas)})
 
 
 def decodability(name: str, images, devices: list[str], batch_sizes: list[int], threads: list[int],
-                 decode_threads: list[int]) -> tuple[dict[str, Any], list[Encoded]]:
+                 decode_threads: list[int], qualities: list[int]) -> tuple[dict[str, Any], list[Encoded]]:
     encoded: list[Encoded] = []
     for device in devices:
         codec = _codec(load_model(name), resolve_device(device), 1)
         for t in threads:
             _set_threads(t)
             for b in batch_sizes:
-                config = f"enc {device} batch {b} threads {t}"
-                started = time.perf_counter()
-                encoded += encode_all(codec, images, b, config)
-                print(f"  {config}: {time.perf_counter() - started:.1f}s", file=sys.stderr)
+                for quality in qualities:
+                    config = f"enc {device} batch {b} threads {t}" + (f" quality {quality}" if quality else "")
+                    started = time.perf_counter()
+                    encoded += encode_all(codec, images, b, config, quality)
+                    print(f"  {config}: {time.perf_counter() - started:.1f}s", file=sys.stderr)
         codec.close()
     pairs = {}
     for device in devices:
@@ -314,7 +323,7 @@ def rate_and_float_path(name: str, images, encoded: list[Encoded], config: str, 
         z_hats.append(path.z_hat)
         data = reference[index]
         parsed = fmt.parse(data)
-        container = fmt.HEADER_SIZE + CONTAINER_BYTES_PER_CHUNK * (1 + len(parsed.y_streams))
+        container = parsed.header.size + CONTAINER_BYTES_PER_CHUNK * (1 + len(parsed.y_streams))
         z_symbols = codec.decode_symbols(data)[1].z
         h, w = pixels.shape[:2]
         row = {
@@ -417,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=_ints, default=[1, 2], help="torch threads while encoding")
     parser.add_argument("--decode-threads", type=_ints, default=[1, 2])
     parser.add_argument("--limit", type=int, help="only the first N images")
+    parser.add_argument("--qualities", type=_ints, help="quality levels of a variable-rate model "
+                        "(default: its lowest, default and highest)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the ±1 ulp perturbation")
     parser.add_argument("--save-bitstreams", type=Path, help="also write every bitstream + encoder digests here")
     parser.add_argument("--check-bitstreams", type=Path, help="only decode bitstreams saved (on another machine) here")
@@ -437,12 +448,15 @@ def main(argv: list[str] | None = None) -> int:
                                                                         args.decode_threads)}
             continue
         started = time.perf_counter()
-        decoded, encoded = decodability(name, images, devices, args.batch_sizes, args.threads, args.decode_threads)
+        qualities = model_qualities(load_model(name), args.qualities)
+        decoded, encoded = decodability(name, images, devices, args.batch_sizes, args.threads, args.decode_threads,
+                                        qualities)
         if args.save_bitstreams:
             save_bitstreams(args.save_bitstreams, name, encoded, images)
         _set_threads(max(args.threads))
         config = f"enc cpu batch 1 threads {max(args.threads)}"
-        result = rate_and_float_path(name, images, encoded, config, devices, args.seed)
+        result = (rate_and_float_path(name, images, encoded, config, devices, args.seed) if qualities == [0]
+                  else {"rate": None, "note": "variable-rate: CompressAI's compress() has no quantization steps"})
         report["models"][name] = {"decodability": decoded, **result, "seconds": time.perf_counter() - started}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

@@ -87,12 +87,13 @@ def classical(images, names, threads: int) -> dict[str, float]:
     return rates
 
 
-def ncpipe_job(shards: list[str], model: str, output: Path, batch: int, device: str, metrics: bool) -> dict:
+def ncpipe_job(shards: list[str], model: str, output: Path, batch: int, device: str, metrics: bool,
+               coder_threads: int | None = None) -> dict:
     """Runs the compress job; returns steady-state and wall images/s."""
     started = time.perf_counter()
     summary = run_compress(CompressConfig(
         inputs=tuple(shards), output=str(output), model=model, batch_size=batch, device=device,
-        metrics=metrics, overwrite=True, cluster=ClusterConfig(),
+        metrics=metrics, overwrite=True, coder_threads=coder_threads, cluster=ClusterConfig(),
     ))
     wall = time.perf_counter() - started
     markers = [json.loads(p.read_text()) for p in (output / "g0000" / "_commits").glob("*.json")]
@@ -124,6 +125,8 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--coder-threads", type=int, help="entropy-coding threads of the job's actor "
+                        "(default: its CPUs)")
     parser.add_argument("--baselines", nargs="*", default=["jpeg", "webp", "avif", "jpegxl"])
     parser.add_argument("--out", type=Path, default=Path("out/bench/throughput.json"))
     args = parser.parse_args()
@@ -144,8 +147,9 @@ def main() -> None:
     del model
     with tempfile.TemporaryDirectory() as tmp:
         shards = write_shards(paths, Path(tmp) / "in", args.shards)
-        results["ncpipe_no_metrics"] = ncpipe_job(shards, args.model, Path(tmp) / "a", args.batch, args.device, False)
-        results["ncpipe_with_metrics"] = ncpipe_job(shards, args.model, Path(tmp) / "b", args.batch, args.device, True)
+        for key, metrics in (("ncpipe_no_metrics", False), ("ncpipe_with_metrics", True)):
+            results[key] = ncpipe_job(shards, args.model, Path(tmp) / key, args.batch, args.device, metrics,
+                                      args.coder_threads)
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

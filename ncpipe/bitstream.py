@@ -17,8 +17,10 @@ from ncpipe.errors import NcpipeError
 from ncpipe.images import DEFAULT_MAX_PIXELS  # noqa: F401  (re-exported for decoders)
 
 MAGIC = b"NCPB"
-FORMAT_VERSION = 2  # the newest; a bitstream without extensions is written as version 1
-SUPPORTED_VERSIONS = frozenset({1, 2})
+# Version 1: a fixed-rate model's bitstream; 2: the same plus extensions; 3: a variable-rate
+# model's bitstream, whose header also names the quality level (extensions optional).
+FORMAT_VERSION = 3
+SUPPORTED_VERSIONS = frozenset({1, 2, 3})
 
 # Architecture codes are part of the format: never renumber, only append.
 ARCHITECTURE_CODES = {1: "mbt2018-mean", 2: "bmshj2018-hyperprior"}
@@ -33,9 +35,11 @@ HYPER_STRIDE = 64
 # magic, version, arch, sha256, rate, width, height, mode, pad_r, pad_b,
 # y (C, H, W), z (C, H, W), y channels per chunk
 _HEADER = struct.Struct("<4sBB32sfHHBBBHHHHHHH")
+_QUALITY = struct.Struct("<B")  # version 3: the quality level, between the fixed header and its CRC
 _CRC = struct.Struct("<I")
 _CHUNK_LENGTH = struct.Struct("<I")
-HEADER_SIZE = _HEADER.size + _CRC.size
+HEADER_SIZE = _HEADER.size + _CRC.size  # versions 1 and 2
+MAX_QUALITY = 255
 CHUNK_OVERHEAD = _CHUNK_LENGTH.size + _CRC.size
 
 # Version 2: extensions after the y chunks (decoder side information).
@@ -69,7 +73,13 @@ class BitstreamHeader:
     y_shape: tuple[int, int, int]  # (channels, height, width) of the latent
     z_shape: tuple[int, int, int]  # (channels, height, width) of the hyper-latent
     y_chunk_channels: int  # latent channels per y chunk (the last chunk may hold fewer)
-    version: int = 1  # as read; pack() writes 1, or 2 when there are extensions
+    quality: int = 0  # quality level of a variable-rate model (1..255); 0: a fixed-rate model
+    version: int = 1  # as read; pack() writes 3 with a quality, else 1, or 2 when there are extensions
+
+    @property
+    def size(self) -> int:
+        """Bytes of the header, CRC included."""
+        return HEADER_SIZE + (_QUALITY.size if self.version >= 3 else 0)
 
     @property
     def num_y_chunks(self) -> int:
@@ -163,6 +173,7 @@ def expected_header(
     y_channels: int,
     z_channels: int,
     y_chunk_channels: int,
+    quality: int = 0,
 ) -> BitstreamHeader:
     """The header an encoder writes for an image of this size: padding and latent shapes derived."""
     padded_w = math.ceil(width / HYPER_STRIDE) * HYPER_STRIDE
@@ -179,6 +190,7 @@ def expected_header(
         y_shape=(y_channels, padded_h // LATENT_STRIDE, padded_w // LATENT_STRIDE),
         z_shape=(z_channels, padded_h // HYPER_STRIDE, padded_w // HYPER_STRIDE),
         y_chunk_channels=min(y_chunk_channels, y_channels),
+        quality=quality,
     )
 
 
@@ -188,7 +200,7 @@ def pack(bitstream: Bitstream) -> bytes:
     _validate_header(header, max_pixels=None)
     if len(bitstream.y_streams) != header.num_y_chunks:
         raise BitstreamError(f"{len(bitstream.y_streams)} y chunks given, header implies {header.num_y_chunks}")
-    version = 2 if bitstream.extensions else 1
+    version = 3 if header.quality else 2 if bitstream.extensions else 1
     fixed = _HEADER.pack(
         MAGIC,
         version,
@@ -203,11 +215,11 @@ def pack(bitstream: Bitstream) -> bytes:
         *header.y_shape,
         *header.z_shape,
         header.y_chunk_channels,
-    )
+    ) + (_QUALITY.pack(header.quality) if version >= 3 else b"")
     parts = [fixed, _CRC.pack(zlib.crc32(fixed))]
     for stream in (bitstream.z_stream, *bitstream.y_streams):
         parts += [_CHUNK_LENGTH.pack(len(stream)), stream, _CRC.pack(zlib.crc32(stream))]
-    if bitstream.extensions:
+    if version >= 2:  # version 3 always has the extension count, which may be 0
         if len(bitstream.extensions) > MAX_EXTENSIONS:
             raise BitstreamError(f"at most {MAX_EXTENSIONS} extensions")
         parts.append(bytes([len(bitstream.extensions)]))
@@ -227,15 +239,22 @@ def parse_header(data: bytes | memoryview, max_pixels: int | None = DEFAULT_MAX_
         raise BitstreamError(f"{len(data)} bytes is shorter than the {HEADER_SIZE}-byte header")
     if bytes(data[:4]) != MAGIC:
         raise BitstreamError(f"bad magic {bytes(data[:4])!r}: not an ncpipe bitstream")
-    fixed = data[: _HEADER.size]
-    (crc,) = _CRC.unpack(data[_HEADER.size : HEADER_SIZE])
-    if zlib.crc32(fixed) != crc:
-        raise BitstreamError("header CRC32 mismatch: the header is damaged")
-    fields = _HEADER.unpack(fixed)
-    version, arch_code = fields[1], fields[2]
+    version = data[4]
     if version not in SUPPORTED_VERSIONS:
         raise BitstreamError(
             f"format version {version} is not supported (this ncpipe reads {sorted(SUPPORTED_VERSIONS)})")
+    fixed_size = _HEADER.size + (_QUALITY.size if version >= 3 else 0)
+    if len(data) < fixed_size + _CRC.size:
+        raise BitstreamError(f"{len(data)} bytes is shorter than the {fixed_size + _CRC.size}-byte header")
+    fixed = data[:fixed_size]
+    (crc,) = _CRC.unpack(data[fixed_size : fixed_size + _CRC.size])
+    if zlib.crc32(fixed) != crc:
+        raise BitstreamError("header CRC32 mismatch: the header is damaged")
+    fields = _HEADER.unpack(fixed[: _HEADER.size])
+    quality = _QUALITY.unpack(fixed[_HEADER.size :])[0] if version >= 3 else 0
+    if version >= 3 and quality == 0:
+        raise BitstreamError("a version-3 bitstream must name a quality level (1..255), not 0")
+    arch_code = fields[2]
     if arch_code not in ARCHITECTURE_CODES:
         raise BitstreamError(f"unknown architecture code {arch_code}")
     if fields[7] not in SOURCE_MODE_CODES:
@@ -252,6 +271,7 @@ def parse_header(data: bytes | memoryview, max_pixels: int | None = DEFAULT_MAX_
         y_shape=tuple(fields[10:13]),
         z_shape=tuple(fields[13:16]),
         y_chunk_channels=fields[16],
+        quality=quality,
         version=version,
     )
     _validate_header(header, max_pixels)
@@ -262,24 +282,25 @@ def parse(data: bytes | memoryview, max_pixels: int | None = DEFAULT_MAX_PIXELS)
     """Validate every field and CRC; raise :class:`BitstreamError` naming the first failure."""
     data = memoryview(data)
     header = parse_header(data, max_pixels)
-    offset = HEADER_SIZE
+    offset = header.size
     streams = []
     for index in range(1 + header.num_y_chunks):
         stream, offset = _read_chunk(data, offset, _chunk_name(header, index))
         streams.append(stream)
-    extensions, offset = _read_extensions(data, offset) if header.version >= 2 else ((), offset)
+    extensions, offset = _read_extensions(data, offset, header.version) if header.version >= 2 else ((), offset)
     if offset != len(data):
         raise BitstreamError(f"{len(data) - offset} unexpected bytes after the last chunk")
     return Bitstream(header, streams[0], tuple(streams[1:]), extensions)
 
 
-def _read_extensions(data: memoryview, offset: int) -> tuple[tuple[Extension, ...], int]:
+def _read_extensions(data: memoryview, offset: int, version: int) -> tuple[tuple[Extension, ...], int]:
     if offset >= len(data):
         raise BitstreamError("truncated: the version-2 extension count is missing")
     count = data[offset]
     offset += 1
-    if not 1 <= count <= MAX_EXTENSIONS:
-        raise BitstreamError(f"extension count {count} is outside 1..{MAX_EXTENSIONS}")
+    least = 0 if version >= 3 else 1  # version 2 exists only to carry extensions
+    if not least <= count <= MAX_EXTENSIONS:
+        raise BitstreamError(f"extension count {count} is outside {least}..{MAX_EXTENSIONS}")
     extensions = []
     for index in range(count):
         end = offset + _EXTENSION_HEADER.size
@@ -332,6 +353,8 @@ def _validate_header(header: BitstreamHeader, max_pixels: int | None) -> None:
         raise BitstreamError("model SHA-256 must be 64 hex digits")
     if not (math.isfinite(header.rate) and header.rate > 0):
         raise BitstreamError(f"rate parameter {header.rate} is not a positive finite number")
+    if not 0 <= header.quality <= MAX_QUALITY:
+        raise BitstreamError(f"quality {header.quality} is outside 0..{MAX_QUALITY}")
     if not (1 <= header.width <= 0xFFFF and 1 <= header.height <= 0xFFFF):
         raise BitstreamError(f"image size {header.width}x{header.height} is outside 1..65535")
     if max_pixels is not None and header.width * header.height > max_pixels:

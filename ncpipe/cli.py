@@ -37,6 +37,10 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cpus-per-worker", type=float, help="CPUs each actor reserves and uses as threads")
 
 
+QUALITY_HELP = ("quality level of a variable-rate model, 1 (fewest bits) .. n; default: the model's default; "
+                "see `ncpipe models`")
+
+
 def _cluster(args: argparse.Namespace) -> ClusterConfig:
     return ClusterConfig(address=args.address, workers=args.workers, cpus_per_worker=args.cpus_per_worker)
 
@@ -55,6 +59,7 @@ def _add_compress(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="archive location (local path or URL)")
     p.add_argument("-m", "--model", default=DEFAULT_MODEL,
                    help=f"registry name or checkpoint path (default: {DEFAULT_MODEL})")
+    p.add_argument("--quality", type=int, metavar="Q", help=QUALITY_HELP)
     p.add_argument("--batch-size", type=int, default=8, help="images per device batch (default: 8)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda[:N] (default: auto)")
     p.add_argument("--overwrite", action="store_true", help="replace output made with a different configuration")
@@ -77,8 +82,8 @@ def _compress(args: argparse.Namespace) -> int:
     from ncpipe.pipeline.jobs import run_compress
 
     config = CompressConfig(
-        inputs=tuple(args.inputs), output=args.output, model=args.model, batch_size=args.batch_size,
-        device=args.device, overwrite=args.overwrite, metrics=not args.no_metrics,
+        inputs=tuple(args.inputs), output=args.output, model=args.model, quality=args.quality,
+        batch_size=args.batch_size, device=args.device, overwrite=args.overwrite, metrics=not args.no_metrics,
         max_pixels=args.max_pixels, corrdiff=args.corrdiff, corrdiff_steps=args.corrdiff_steps,
         corrdiff_bits=args.corrdiff_bits, cluster=_cluster(args),
     )
@@ -142,16 +147,19 @@ def _add_recompress(sub) -> None:
         "recompress",
         help="re-encode an archive's samples with a newer model, as a new generation",
         description="Select samples of the archive's current generation by policy (any of the conditions "
-        "given; none: every sample not already coded by --model), re-encode them from their originals "
-        "when those are reachable or else by transcoding the old bitstreams, write a complete new "
+        "given; none: every sample not already coded by --model at its --quality), re-encode them from their "
+        "originals when those are reachable or else by transcoding the old bitstreams, write a complete new "
         "generation with lineage columns in its manifest, and switch CURRENT to it. A run with nothing "
         "to do changes nothing.",
     )
     p.add_argument("archive", help="the archive root (holding CURRENT)")
     p.add_argument("-m", "--model", required=True, help="target model: registry name or checkpoint path")
+    p.add_argument("--quality", type=int, metavar="Q", help="re-encode at this " + QUALITY_HELP)
     p.add_argument("--older-than-model", help="policy: samples coded by a model released before this one")
     p.add_argument("--min-psnr", type=float, help="policy: samples whose PSNR is below this (dB)")
     p.add_argument("--max-bpp", type=float, help="policy: samples whose bpp is above this")
+    p.add_argument("--quality-above", type=int, metavar="Q",
+                   help="policy: samples coded at a quality level above Q (re-encode them at a lower --quality)")
     p.add_argument("--originals", help="prefix holding the original shards (default: the URLs in the manifest)")
     p.add_argument("--transcode", action="store_true", help="never read originals; decode the old bitstreams")
     p.add_argument("--decode-model", action="append", default=[], metavar="MODEL",
@@ -167,8 +175,8 @@ def _recompress(args: argparse.Namespace) -> int:
     from ncpipe.pipeline.jobs import run_recompress
 
     summary = run_recompress(RecompressConfig(
-        archive=args.archive, model=args.model, older_than_model=args.older_than_model,
-        min_psnr=args.min_psnr, max_bpp=args.max_bpp, originals=args.originals,
+        archive=args.archive, model=args.model, quality=args.quality, older_than_model=args.older_than_model,
+        min_psnr=args.min_psnr, max_bpp=args.max_bpp, quality_above=args.quality_above, originals=args.originals,
         transcode_only=args.transcode, decode_models=tuple(args.decode_model), dry_run=args.dry_run,
         batch_size=args.batch_size, device=args.device, cluster=_cluster(args),
     ))
@@ -210,16 +218,32 @@ def _models(args: argparse.Namespace) -> int:
 
     for ref in list_models():
         card = ref.card or {}
-        measured = (card.get("evaluations") or [{}])[0]
-        result = (f"{measured['dataset']}: {measured['bpp']:.3f} bpp {measured['psnr']:.2f} dB" if measured
-                  else "not evaluated")
-        print(f"{ref.name:32s} {card.get('arch', '?'):16s} λ={card.get('rate', {}).get('lambda', '?'):<8.4g} "
-              f"{result:40s} sha256 {ref.expected_sha256[:12]}")
+        print(f"{ref.name:32s} {card.get('arch', '?'):16s} {_rate_text(card):26s} {_measured_text(card):42s} "
+              f"sha256 {ref.expected_sha256[:12]}")
+        for level in ((card.get("evaluations") or [{}])[0].get("qualities") or ()):
+            print(f"{'':32s} {'':16s} {'  quality ' + str(level['quality']):26s} "
+                  f"{level['bpp']:.3f} bpp {level['psnr']:.2f} dB")
     for kind in DECODER_FILES:
         for ref in list_models(kind):
             codecs = ", ".join(c.get("name") or c["sha256"][:12] for c in ref.card["codecs"])
             print(f"{ref.name:32s} {kind:16s} for {codecs:52s} sha256 {ref.expected_sha256[:12]}")
     return 0
+
+
+def _rate_text(card: dict) -> str:
+    quality = card.get("quality")
+    if quality:
+        return f"quality 1..{len(quality['lambdas'])} (default {quality['default']})"
+    return f"λ={card.get('rate', {}).get('lambda', '?'):<8.4g}"
+
+
+def _measured_text(card: dict) -> str:
+    """The card's first measurement (a variable-rate model's at its default quality)."""
+    measured = (card.get("evaluations") or [{}])[0]
+    if not measured:
+        return "not evaluated"
+    at = f" at quality {measured['default_quality']}" if measured.get("default_quality") else ""
+    return f"{measured['dataset']}: {measured['bpp']:.3f} bpp {measured['psnr']:.2f} dB{at}"
 
 
 # Each command family registers its own subcommands: ``register(subparsers)`` in these modules.

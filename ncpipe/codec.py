@@ -4,11 +4,15 @@
 
     encode   pixels (B,H,W,3) u8 ──pad──► x (B,3,Hp,Wp) ──g_a,h_a──► y, z            [device, batched]
              z ─round(z−median)─► z_sym ──exact h_s──► (scale index, mean) per y element
-             y_sym = round(y − mean)                                                  [device, batched]
+             y_sym = round((y − mean) / Δ_q)                                          [device, batched]
              (z_sym, y_sym, scale index) ──rANS, one stream per chunk──► bitstream   [CPU threads]
 
     decode   bitstream ──parse──► z stream ──rANS──► z_sym ──exact h_s──► (index, mean)
-             y streams ──rANS──► y_sym;  ŷ = y_sym + mean ──g_s──► x̂ ──crop──► pixels
+             y streams ──rANS──► y_sym;  ŷ = Δ_q · y_sym + mean ──g_s──► x̂ ──crop──► pixels
+
+``Δ_q`` is the quantization step of quality level ``q`` of a variable-rate model (per latent
+channel; the header names ``q``); a fixed-rate model has ``Δ = 1`` and quality 0. The scale
+index of an element is its table index for the scale ``σ / Δ_q``.
 
 The only float computations whose results the *decoder* must reproduce exactly (the
 entropy parameters) run in exact integer arithmetic (:mod:`ncpipe.entropy.integer_net`),
@@ -54,6 +58,7 @@ class AnalysedBatch:
     """Output of the device stage for a batch, ready for entropy coding on the CPU."""
 
     sizes: tuple[tuple[int, int], ...]  # (height, width) of each image
+    quality: int  # the quality level every image of the batch was coded at (0: a fixed-rate model)
     z_symbols: np.ndarray  # int32 (B, Cz, hz, wz)
     y_symbols: np.ndarray  # int32 (B, Cy, hy, wy)
     scale_indexes: np.ndarray  # int32 (B, Cy, hy, wy)
@@ -102,48 +107,76 @@ class LearnedCodec:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def default_quality(self) -> int:
+        """The quality an encoder uses when none is asked for (0 for a fixed-rate model)."""
+        return self.model.quality.default if self.model.quality is not None else 0
+
     # -- entropy parameters: the exact, shared path ------------------------------------
 
-    def entropy_parameters(self, z_symbols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z symbols (B,Cz,hz,wz) -> (scale table index int32, mean float64), each (B,Cy,hy,wy)."""
+    def entropy_parameters(self, z_symbols: torch.Tensor,
+                           qualities: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """z symbols (B,Cz,hz,wz) and each image's quality (default: the model's) ->
+        (scale table index int32, mean float64), each (B,Cy,hy,wy)."""
+        qualities = list(qualities) if qualities is not None else [self.default_quality] * len(z_symbols)
+        for quality in set(qualities):
+            self.model.check_quality(quality)
         z_fixed = z_symbols.to(self.device, torch.float64) * 2.0**ACT_FRAC_BITS
         z_fixed = z_fixed + self.model.z_median_fixed.view(1, -1, 1, 1)
         scales, means = self.model.adapter.split_entropy_parameters(self.model.hyper(z_fixed))
-        # index = number of table scales (bar the last) below the scale, as CompressAI's
-        # build_indexes, but on exact fixed-point integers.
-        table = self.model.scale_table_fixed[:-1].contiguous()
-        indexes = torch.searchsorted(table, scales.contiguous(), right=False).to(torch.int32)
-        return indexes, from_fixed(means)
+        # index = number of the quality's table thresholds (bar the last) below the scale, as
+        # CompressAI's build_indexes for σ/Δ, but on exact fixed-point integers, per channel.
+        batch, channels = scales.shape[:2]
+        thresholds = self.model.thresholds_fixed[torch.tensor(qualities, device=self.device)]
+        indexes = torch.searchsorted(thresholds.reshape(batch * channels, -1).contiguous(),
+                                     scales.reshape(batch * channels, -1).contiguous(), right=False)
+        return indexes.view_as(scales).to(torch.int32), from_fixed(means)
+
+    def steps(self, qualities: Sequence[int]) -> torch.Tensor:
+        """Quantization steps Δ (B,Cy,1,1) float64 of each image's quality level."""
+        return self.model.steps[torch.tensor(list(qualities), device=self.device)][:, :, None, None]
+
+    def dequantize(self, y_symbols: torch.Tensor, means: torch.Tensor, qualities: Sequence[int]) -> torch.Tensor:
+        """ŷ = Δ_q · y_sym + mean, float32 on the device: what the synthesis transform decodes."""
+        y = y_symbols.to(self.device, torch.float64)
+        return (y * self.steps(qualities) + means).float()
 
     # -- encoder ---------------------------------------------------------------------
 
     @torch.inference_mode()
-    def analyse(self, images: Sequence[np.ndarray], reconstruct: bool = False) -> AnalysedBatch:
-        """Device stage: images sharing one padded shape -> symbols and table indexes."""
+    def analyse(self, images: Sequence[np.ndarray], reconstruct: bool = False,
+                quality: int | None = None) -> AnalysedBatch:
+        """Device stage: images sharing one padded shape -> symbols and table indexes, at
+        ``quality`` (default: the model's default quality)."""
+        quality = self.default_quality if quality is None else quality
+        qualities = [quality] * len(images)
         pin = self.device.type == "cuda"
         x = stack_padded(images, pin).to(self.device, non_blocking=pin).float().div_(255.0)
         y, z = self.model.adapter.analysis(x)
         z_symbols = torch.round(z - self.model.z_medians.view(1, -1, 1, 1))
-        indexes, means = self.entropy_parameters(z_symbols)
-        y_symbols = torch.round(y.double() - means)
+        indexes, means = self.entropy_parameters(z_symbols, qualities)
+        y_symbols = torch.round((y.double() - means) / self.steps(qualities))
         reconstructions = None
         if reconstruct:
-            x_hat = self.model.adapter.synthesis((y_symbols + means).float()).clamp_(0.0, 1.0)
+            x_hat = self.model.adapter.synthesis(self.dequantize(y_symbols, means, qualities)).clamp_(0.0, 1.0)
             reconstructions = tuple(x_hat[i, :, : im.shape[0], : im.shape[1]] for i, im in enumerate(images))
         return AnalysedBatch(
             sizes=tuple((int(im.shape[0]), int(im.shape[1])) for im in images),
+            quality=quality,
             z_symbols=z_symbols.to("cpu", torch.int32).numpy(),
             y_symbols=y_symbols.to("cpu", torch.int32).numpy(),
             scale_indexes=indexes.cpu().numpy(),
             reconstructions=reconstructions,
         )
 
-    def header_for(self, height: int, width: int, source_mode: str) -> fmt.BitstreamHeader:
+    def header_for(self, height: int, width: int, source_mode: str, quality: int | None = None) -> fmt.BitstreamHeader:
         identity = self.model.identity
+        quality = self.default_quality if quality is None else quality
         return fmt.expected_header(
             architecture=identity.arch,
             model_sha256=identity.sha256,
-            rate=identity.rate,
+            rate=self.model.rate_of(quality),
+            quality=quality,
             width=width,
             height=height,
             source_mode=source_mode,
@@ -155,7 +188,7 @@ class LearnedCodec:
     def submit_entropy_coding(self, batch: AnalysedBatch, index: int, source_mode: str) -> "PendingBitstream":
         """CPU stage for image ``index`` of ``batch``: its chunks are coded on the thread pool."""
         height, width = batch.sizes[index]
-        header = self.header_for(height, width, source_mode)
+        header = self.header_for(height, width, source_mode, batch.quality)
         z = batch.z_symbols[index]
         z_tables = _channel_index(z.shape)
         chunks = [self.pool.submit(rans.encode, z, z_tables, self.model.z_tables)]
@@ -170,9 +203,10 @@ class LearnedCodec:
             )
         return PendingBitstream(header, tuple(chunks))
 
-    def encode_batch(self, images: Sequence[np.ndarray], source_modes: Sequence[str]) -> list[bytes]:
+    def encode_batch(self, images: Sequence[np.ndarray], source_modes: Sequence[str],
+                     quality: int | None = None) -> list[bytes]:
         """Both stages for a batch sharing one padded shape."""
-        batch = self.analyse(images)
+        batch = self.analyse(images, quality=quality)
         futures = [self.submit_entropy_coding(batch, i, mode) for i, mode in enumerate(source_modes)]
         return [future.result() for future in futures]
 
@@ -190,6 +224,13 @@ class LearnedCodec:
             raise fmt.BitstreamError(
                 f"latent channels {header.y_shape[0]}/{header.z_shape[0]} do not match the model's {channels}"
             )
+        try:
+            rate = self.model.rate_of(header.quality)
+        except ValueError as err:
+            raise fmt.BitstreamError(str(err)) from None
+        if header.rate != rate:
+            raise fmt.BitstreamError(f"rate parameter {header.rate:g} does not match the model's "
+                                     f"λ={rate:g} at quality {header.quality}")
 
     def decode_symbols(self, data: bytes, max_pixels: int | None = None) -> tuple[fmt.BitstreamHeader, LatentSymbols]:
         """Parse and entropy-decode one bitstream (CPU), raising BitstreamError if damaged."""
@@ -199,7 +240,7 @@ class LearnedCodec:
         z_shape, y_shape = header.z_shape, header.y_shape
         z = _decode_stream(parsed.z_stream, _channel_index(z_shape), self.model.z_tables, "z")
         z = z.reshape(z_shape)
-        indexes, means = self.entropy_parameters(torch.from_numpy(z)[None])
+        indexes, means = self.entropy_parameters(torch.from_numpy(z)[None], [header.quality])
         indexes = indexes[0].cpu().numpy()
         futures = [
             self.pool.submit(_decode_stream, stream, indexes[start:stop], self.model.y_tables, f"y[{start}:{stop}]")
@@ -213,9 +254,10 @@ class LearnedCodec:
                    symbols: Sequence[LatentSymbols]) -> list[torch.Tensor]:
         """Decoded symbols of images sharing one latent shape -> x̂ (3,h,w) in [0,1], on the device."""
         z = torch.from_numpy(np.stack([s.z for s in symbols]))
-        y = torch.from_numpy(np.stack([s.y for s in symbols])).to(self.device, torch.float64)
-        _, means = self.entropy_parameters(z)
-        x_hat = self.model.adapter.synthesis((y + means).float()).clamp_(0.0, 1.0)
+        y = torch.from_numpy(np.stack([s.y for s in symbols]))
+        qualities = [h.quality for h in headers]
+        _, means = self.entropy_parameters(z, qualities)
+        x_hat = self.model.adapter.synthesis(self.dequantize(y, means, qualities)).clamp_(0.0, 1.0)
         return [x_hat[i, :, : h.height, : h.width] for i, h in enumerate(headers)]
 
     def decode(self, data: bytes) -> tuple[fmt.BitstreamHeader, np.ndarray]:

@@ -12,11 +12,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ncpipe.bitstream import MAX_CORRECTION_STEPS
+from ncpipe.bitstream import MAX_CORRECTION_STEPS, MAX_QUALITY
 from ncpipe.errors import NcpipeError
 from ncpipe.images import DEFAULT_MAX_PIXELS
 
-DEFAULT_MODEL = "mbt2018-mean-small-l0018"
+DEFAULT_MODEL = "mbt2018-mean-vbr-small"  # the variable-rate codec: `--quality` picks the rate
 
 
 class ConfigError(NcpipeError, ValueError):
@@ -43,6 +43,7 @@ class CompressConfig:
     inputs: tuple[str, ...]
     output: str
     model: str = DEFAULT_MODEL  # registry name or checkpoint path
+    quality: int | None = None  # quality level of a variable-rate model, 1..n; None: the model's default
     batch_size: int = 8
     device: str = "auto"
     overwrite: bool = False
@@ -65,6 +66,7 @@ class CompressConfig:
         for name in ("batch_size", "max_pixels", "y_chunk_channels"):
             _positive(self, name)
         _positive(self, "coder_threads", allow_none=True)
+        _in_range(self, "quality", 1, MAX_QUALITY, allow_none=True)
         _in_range(self, "corrdiff_steps", 1, MAX_CORRECTION_STEPS, allow_none=True)
         _in_range(self, "corrdiff_bits", 1, 8, allow_none=True)
         for name in ("corrdiff_steps", "corrdiff_bits"):
@@ -81,6 +83,8 @@ class CompressConfig:
         }
         if self.corrdiff:  # only then, so jobs without CorrDiff keep the fingerprints they had
             relevant["corrdiff"] = {"sha256": corrdiff_sha256, "steps": self.corrdiff_steps, "bits": self.corrdiff_bits}
+        if self.quality is not None:  # likewise for jobs at the model's default quality
+            relevant["quality"] = self.quality
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -88,9 +92,11 @@ class CompressConfig:
 class RecompressConfig:
     archive: str
     model: str  # the target model: registry name or checkpoint path
+    quality: int | None = None  # the target model's quality level to re-encode at; None: its default
     older_than_model: str | None = None  # policy: samples coded by a model released before this one
     min_psnr: float | None = None  # policy: samples below this PSNR (dB)
     max_bpp: float | None = None  # policy: samples above this bpp
+    quality_above: int | None = None  # policy: samples coded at a quality level above this one
     originals: str | None = None  # prefix holding the original shards (default: the recorded URLs)
     transcode_only: bool = False  # never read originals; decode the old bitstreams instead
     decode_models: tuple[str, ...] = ()  # old models for transcoding that are not in the registry
@@ -110,12 +116,14 @@ class RecompressConfig:
             _positive(self, name)
         for name in ("min_psnr", "max_bpp"):
             _positive(self, name, allow_none=True)
+        _in_range(self, "quality", 1, MAX_QUALITY, allow_none=True)
+        _in_range(self, "quality_above", 0, MAX_QUALITY, allow_none=True)
 
     def compress_config(self) -> CompressConfig:
         """The settings the shard workers encode with."""
         return CompressConfig(
-            inputs=(self.archive,), output=self.archive, model=self.model, batch_size=self.batch_size,
-            device=self.device, metrics=self.metrics, max_pixels=self.max_pixels,
+            inputs=(self.archive,), output=self.archive, model=self.model, quality=self.quality,
+            batch_size=self.batch_size, device=self.device, metrics=self.metrics, max_pixels=self.max_pixels,
             y_chunk_channels=self.y_chunk_channels, coder_threads=self.coder_threads, cluster=self.cluster,
         )
 

@@ -47,7 +47,9 @@ class ManifestRow:
     ms_ssim: float | None = None
     model_id: str | None = None  # registry name, or the checkpoint path
     model_sha256: str | None = None
-    rate: float | None = None  # the model's rate parameter λ
+    rate: float | None = None  # the rate parameter λ the sample was coded at (its quality level's)
+    quality: int | None = field(
+        default=None, metadata=_arrow(pa.int16(), "quality level of a variable-rate model; 0: fixed-rate model"))
     encode_seconds: float | None = None  # amortised share of device time + entropy coding
     status: str = STATUS_OK
     error: str | None = None

@@ -89,6 +89,15 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tiny_codec(tmp_path_factory.mktemp("tiny-model"))
 
 
+TINY_VBR_LAMBDAS = (0.004, 0.016, 0.064)
+
+
+@pytest.fixture(scope="session")
+def tiny_vbr_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real variable-rate mbt2018-mean (N=16, M=24; quality levels 1..3) trained for a few steps and released."""
+    return train_tiny_codec(tmp_path_factory.mktemp("tiny-vbr-model"), steps=30, lambdas=TINY_VBR_LAMBDAS)
+
+
 @pytest.fixture(scope="module")
 def tiny_codec(tiny_model_path: Path) -> Iterator[LearnedCodec]:
     """The tiny model as a codec (one coder thread), one per test module."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
 import zlib
@@ -12,7 +13,8 @@ import numpy as np
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# The shared data beside the checkout; NCPIPE_TEST_DATA points elsewhere (a GPU machine carries a copy).
+SHARED_DATA = Path(os.environ.get("NCPIPE_TEST_DATA") or REPO_ROOT.parent / "shared" / "data")
 KODAK = SHARED_DATA / "kodak"
 BSDS = SHARED_DATA / "bsds500"
 
@@ -27,11 +29,11 @@ def kodak_pixels(number: int, size: tuple[int, int] | None = None) -> np.ndarray
     return np.ascontiguousarray(image)
 
 
-def train_tiny_codec(workdir: Path, steps: int = 40, lmbda: float = 0.01) -> Path:
-    """Train a tiny mbt2018-mean for a few steps with ncpipe's trainer and release it."""
-    from ncpipe.models.architectures import build_adapter
+def train_tiny_codec(workdir: Path, steps: int = 40, lambdas: tuple[float, ...] = (0.01,)) -> Path:
+    """Train a tiny mbt2018-mean for a few steps with ncpipe's trainer and release it
+    (variable-rate, with quality levels 1..n, when given n > 1 λ)."""
     from ncpipe.models.checkpoint import release_checkpoint, save_checkpoint
-    from ncpipe.train.codec_trainer import CodecTrainConfig, train_codec
+    from ncpipe.train.codec_trainer import CodecTrainConfig, adapter_from_state, train_codec
     from ncpipe.train.loop import load_state
 
     data = workdir / "train-images"
@@ -39,15 +41,13 @@ def train_tiny_codec(workdir: Path, steps: int = 40, lmbda: float = 0.01) -> Pat
     for path in sorted((BSDS / "val").glob("*.jpg"))[:6]:
         shutil.copy(path, data / path.name)
     config = CodecTrainConfig(
-        data=(str(data),), run_dir=str(workdir / "run"), hparams=dict(TINY_HPARAMS), lmbda=lmbda,
+        data=(str(data),), run_dir=str(workdir / "run"), hparams=dict(TINY_HPARAMS), lambdas=lambdas,
         steps=steps, batch_size=4, crop=64, lr=1e-3, checkpoint_every=steps, log_every=steps, device="cpu",
     )
     train_codec(config)
-    state = load_state(Path(config.run_dir))
-    adapter = build_adapter(state["arch"], state["hparams"])
-    adapter.model.load_state_dict(state["model"])
+    adapter = adapter_from_state(load_state(Path(config.run_dir)))
     path = workdir / "tiny" / "model.pt"
-    save_checkpoint(release_checkpoint(adapter, lmbda, {"purpose": "tests", "steps": steps}), path)
+    save_checkpoint(release_checkpoint(adapter, lambdas, {"purpose": "tests", "steps": steps}), path)
     return path
 
 

@@ -74,7 +74,7 @@ def _evaluate_refiner(args: argparse.Namespace) -> int:
 
 
 def add_evaluation_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", required=True, help="folder of evaluation images (e.g. ../shared/data/kodak)")
+    p.add_argument("--images", required=True, help="folder of evaluation images (e.g. Kodak)")
     p.add_argument("--limit", type=int, default=0, help="first N images by name (default: all)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--device", default="auto")

@@ -160,12 +160,13 @@ def decoded_batch(codec, headers: Sequence, symbols: Sequence, x_hat: Sequence[T
     ŷ is recomputed exactly as synthesise does (the exact integer entropy parameters).
     """
     z = torch.from_numpy(np.stack([s.z for s in symbols]))
-    y = torch.from_numpy(np.stack([s.y for s in symbols])).to(codec.device, torch.float64)
+    y = torch.from_numpy(np.stack([s.y for s in symbols]))
     if x_hat is None:
         x_hat = codec.synthesise(headers, symbols)
+    qualities = [h.quality for h in headers]
     with torch.inference_mode():
-        _, means = codec.entropy_parameters(z)
-        y_hat = (y + means).float()
+        _, means = codec.entropy_parameters(z, qualities)
+        y_hat = codec.dequantize(y, means, qualities)
     padded = {(h.height + h.pad_bottom, h.width + h.pad_right) for h in headers}
     if len(padded) != 1:
         raise ValueError(f"images of one refine batch must share one padded size (latent shape), got {sorted(padded)}")

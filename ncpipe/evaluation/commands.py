@@ -12,6 +12,7 @@ log = logging.getLogger(__name__)
 EVALUATE_KIND = "evaluate"
 # ncpipe.evaluation.baselines.BASELINE_NAMES, not imported so that --help stays instant
 _BASELINE_NAMES = ("jpeg", "webp", "avif", "jpegxl")
+_IMAGES_ENV = "NCPIPE_EVAL_IMAGES"  # ncpipe.evaluation.run.IMAGES_ENV
 
 
 def register(subparsers) -> None:
@@ -21,13 +22,15 @@ def register(subparsers) -> None:
         description="Codes every image with every model (real .ncb bitstreams, container counted) and every "
         "baseline at each of its quality levels, then writes results.parquet/.csv (per image and rate point), "
         "summary.csv (means), bd_rate.md/.json (each learned series vs each baseline, PSNR and MS-SSIM) and "
-        "rd_psnr.png/rd_msssim.png into --output. Fields can come from --spec FILE.yaml "
-        f"(kind: {EVALUATE_KIND}, spec: {{field: value}}); flags override the file.",
+        "rd_psnr.png/rd_msssim.png into --output. A variable-rate model is measured at each of its quality "
+        "levels. Progress (images done of the total, elapsed, ETA) goes to stderr. Fields can come from "
+        f"--spec FILE.yaml (kind: {EVALUATE_KIND}, spec: {{field: value}}); flags override the file. "
+        f"The image folder is required: --images DIR, or the environment variable {_IMAGES_ENV}.",
     )
     p.add_argument("--spec", metavar="FILE.yaml",
                    help=f"a kind: {EVALUATE_KIND} spec file (e.g. jobs/evaluate-kodak.yaml)")
     p.add_argument("--images", metavar="DIR", default=argparse.SUPPRESS,
-                   help="image folder (default: ../shared/data/kodak from the repository root)")
+                   help=f"image folder (required unless ${_IMAGES_ENV} names one)")
     p.add_argument("--models", nargs="+", metavar="NAME_OR_PATH", default=argparse.SUPPRESS,
                    help="registry names, model folders or checkpoint files (default: every registry model)")
     baselines = p.add_mutually_exclusive_group()

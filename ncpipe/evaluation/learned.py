@@ -3,6 +3,7 @@
 Each image is encoded alone and decoded from its bytes by a fresh decode (parse, rANS,
 exact entropy parameters, synthesis), so the bpp counts the whole container and the
 quality is what a user restores. The decoded latents are checked against the encoder's.
+A variable-rate model is measured at each of its quality levels: one rate point per level.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import torch
 
 from ncpipe import metrics
 from ncpipe.codec import LearnedCodec, to_uint8_image
+from ncpipe.evaluation.progress import Progress
 from ncpipe.images import decode_image
+from ncpipe.models.checkpoint import CodecModel
 
 
 @dataclass(frozen=True)
 class ImageResult:
     codec: str
-    rate: str  # the rate point: λ for learned codecs, quality for classical ones
+    rate: str  # λ of the quality level coded at, as f"{λ:g}"
+    quality: int  # the learned model's quality level (0: a fixed-rate model)
     image: str
     width: int
     height: int
@@ -38,34 +42,58 @@ def load_image_set(paths: list[Path]) -> list[tuple[str, np.ndarray]]:
     return [(path.name, decode_image(path.read_bytes(), path.suffix.lstrip(".")).pixels) for path in paths]
 
 
-def quality(reference: np.ndarray, decoded: np.ndarray) -> tuple[float, float]:
+def image_quality(reference: np.ndarray, decoded: np.ndarray) -> tuple[float, float]:
     """(PSNR, MS-SSIM) of two HxWx3 uint8 images."""
     ref = metrics.to_unit_float(reference)
     dec = metrics.to_unit_float(decoded)
     return float(metrics.psnr(ref, dec)[0]), float(metrics.ms_ssim(ref, dec)[0])
 
 
-def evaluate_learned(codec: LearnedCodec, name: str, images: list[tuple[str, np.ndarray]]) -> list[ImageResult]:
+def rate_points(model: CodecModel) -> tuple[int, ...]:
+    """The quality levels a model is measured at: each level of a variable-rate model, 0 for a fixed-rate one."""
+    return tuple(range(1, len(model.quality.lambdas) + 1)) if model.quality is not None else (0,)
+
+
+def evaluate_model(codec: LearnedCodec, name: str, images: list[tuple[str, np.ndarray]],
+                   progress: Progress | None = None) -> list[ImageResult]:
+    """:func:`evaluate_learned` at each of :func:`rate_points`, lowest quality first."""
+    return [result for quality in rate_points(codec.model)
+            for result in evaluate_learned(codec, name, images, quality, progress)]
+
+
+def evaluate_learned(codec: LearnedCodec, name: str, images: list[tuple[str, np.ndarray]],
+                     quality: int | None = None, progress: Progress | None = None) -> list[ImageResult]:
+    """Each image coded at ``quality`` (default: the model's default quality); ``progress`` advances per image."""
+    quality = codec.default_quality if quality is None else quality
+    codec.model.check_quality(quality)
+    label = f"{name} q{quality}" if quality else name
     results = []
     for image_name, pixels in images:
-        started = time.perf_counter()
-        batch = codec.analyse([pixels])
-        data = codec.submit_entropy_coding(batch, 0, "RGB").result()
-        _sync(codec.device)
-        encoded = time.perf_counter()
-        header, symbols = codec.decode_symbols(data)
-        (x_hat,) = codec.synthesise([header], [symbols])
-        decoded = to_uint8_image(x_hat)
-        finished = time.perf_counter()
-        if not np.array_equal(symbols.y, batch.y_symbols[0]):
-            raise AssertionError(f"{image_name}: decoded latents differ from the encoder's")
-        psnr, ms_ssim = quality(pixels, decoded)
-        results.append(ImageResult(
-            codec=name, rate=f"{codec.model.identity.rate:g}", image=image_name, width=header.width,
-            height=header.height, num_bytes=len(data), bpp=8 * len(data) / (header.width * header.height),
-            psnr=psnr, ms_ssim=ms_ssim, encode_seconds=encoded - started, decode_seconds=finished - encoded,
-        ))
+        results.append(_measure(codec, name, quality, image_name, pixels))
+        if progress is not None:
+            progress.advance(label)
     return results
+
+
+def _measure(codec: LearnedCodec, name: str, quality: int, image_name: str, pixels: np.ndarray) -> ImageResult:
+    started = time.perf_counter()
+    batch = codec.analyse([pixels], quality=quality)
+    data = codec.submit_entropy_coding(batch, 0, "RGB").result()
+    _sync(codec.device)
+    encoded = time.perf_counter()
+    header, symbols = codec.decode_symbols(data)
+    (x_hat,) = codec.synthesise([header], [symbols])
+    decoded = to_uint8_image(x_hat)
+    finished = time.perf_counter()
+    if not np.array_equal(symbols.y, batch.y_symbols[0]):
+        raise AssertionError(f"{image_name}: decoded latents differ from the encoder's")
+    psnr, ms_ssim = image_quality(pixels, decoded)
+    return ImageResult(
+        codec=name, rate=f"{codec.model.rate_of(quality):g}", quality=quality, image=image_name,
+        width=header.width, height=header.height, num_bytes=len(data),
+        bpp=8 * len(data) / (header.width * header.height), psnr=psnr, ms_ssim=ms_ssim,
+        encode_seconds=encoded - started, decode_seconds=finished - encoded,
+    )
 
 
 def _sync(device: torch.device) -> None:

@@ -2,19 +2,21 @@
 
 ::
 
-    images/ ─► decode once ─┬─► each learned model: evaluate_learned (real .ncb bitstreams) ─┐
-                            └─► each baseline: sweep over its quality levels ───────────────┴─► rows
+    images/ ─► decode once ─┬─► each learned model at each rate point: evaluate_learned (real .ncb) ─┐
+                            └─► each baseline: sweep over its quality levels ───────────────────────┴─► rows
     rows ─► results.parquet / results.csv          one row per image x codec x rate point
          ─► summary.csv                            mean per codec x rate point
          ─► bd_rate.json / bd_rate.md              each learned series vs each baseline
          ─► rd_psnr.png / rd_msssim.png            one line per series
          ─► (--update-cards) card.json + README.md of each evaluated registry model
 
-A *series* is one rate-distortion curve: a baseline's quality sweep, or the learned
-models that share a card's ``series`` (default: their architecture), one point per model.
+A *series* is one rate-distortion curve: a baseline's quality sweep, a variable-rate model's
+quality levels (rate points ``q1``..``qn``; its series defaults to its name), or the fixed-rate
+models that share a card's ``series`` (default: their architecture), one point (``λ=...``) per model.
 BD-rates use the baseline as the anchor: negative means the learned series needs fewer
 bits for the same quality. Every bpp counts whole files (the ``.ncb`` container, the
 JPEG/WebP/AVIF/JPEG XL file), every quality is measured on the decoded 8-bit RGB image.
+Progress (images coded of the run's total, elapsed time, ETA) goes to stderr: see ncpipe.evaluation.progress.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -38,8 +41,9 @@ from ncpipe import __version__
 from ncpipe.config import ConfigError
 from ncpipe.evaluation.baselines import BASELINE_NAMES, ClassicalCodec, get_baselines, sweep
 from ncpipe.evaluation.bdrate import bd_psnr, bd_rate
-from ncpipe.evaluation.learned import ImageResult, evaluate_learned, load_image_set
+from ncpipe.evaluation.learned import ImageResult, evaluate_model, load_image_set
 from ncpipe.evaluation.plots import plot_rd
+from ncpipe.evaluation.progress import Progress
 from ncpipe.io.storage import atomic_writer
 from ncpipe.manifest import arrow_schema
 from ncpipe.models.cards import machine_description, now_utc, read_card, write_card
@@ -47,15 +51,14 @@ from ncpipe.models.registry import ModelRef, list_models, resolve_model
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_IMAGES = REPO_ROOT.parent / "shared" / "data" / "kodak"
+IMAGES_ENV = "NCPIPE_EVAL_IMAGES"  # the image folder when a run names none
 LEARNED, BASELINE = "learned", "baseline"
 BD_METRICS = ("psnr", "ms_ssim_db")  # quality axes of the BD table: PSNR (dB) and MS-SSIM in dB
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    images: str | None = None  # folder of images; None: ../shared/data/kodak from the repository root
+    images: str | None = None  # folder of images; None: $NCPIPE_EVAL_IMAGES (one of the two is required)
     models: tuple[str, ...] = ()  # registry names or checkpoint paths; empty: every registry model
     baselines: tuple[str, ...] = BASELINE_NAMES  # empty: no baseline
     output: str = "out/evaluate"
@@ -81,8 +84,9 @@ class EvaluationRow:
     kind: str  # "learned" or "baseline"
     series: str  # the RD curve this point belongs to
     codec: str  # registry model name / checkpoint path, or the baseline's name
-    rate_point: str  # "λ=0.0067" or "q50"
+    rate_point: str  # "λ=0.0067" (fixed-rate model), "q2" (variable-rate model's quality) or "q50" (baseline)
     rate_parameter: float  # λ, or the baseline's quality level
+    quality: int  # a variable-rate model's quality level; 0 for fixed-rate models and baselines
     model_sha256: str  # "" for baselines
     image: str
     width: int
@@ -104,6 +108,7 @@ class SummaryRow:
     codec: str
     rate_point: str
     rate_parameter: float
+    quality: int
     images: int
     bpp: float
     psnr: float
@@ -153,6 +158,9 @@ class EvaluationReport:
 class _LearnedModel:
     ref: ModelRef
     series: str
+    sha256: str
+    qualities: tuple[int, ...]  # its rate points: levels 1..n of a variable-rate model, (0,) for a fixed-rate one
+    default_quality: int  # 0 for a fixed-rate model
 
 
 def dataset_label(name: str, image_count: int) -> str:
@@ -160,20 +168,36 @@ def dataset_label(name: str, image_count: int) -> str:
     return f"{name} ({image_count} images)"
 
 
+def default_images() -> Path | None:
+    """The image folder named by $NCPIPE_EVAL_IMAGES, None when it is unset or empty."""
+    value = os.environ.get(IMAGES_ENV)
+    return Path(value) if value else None
+
+
+def images_folder(config: EvaluateConfig) -> Path:
+    """``config.images``, else $NCPIPE_EVAL_IMAGES; an error when neither names an existing folder."""
+    folder = Path(config.images) if config.images else default_images()
+    if folder is None:
+        raise ConfigError(f"images: no image folder given; pass --images DIR or set {IMAGES_ENV}")
+    if not folder.is_dir():
+        source = "" if config.images else f" (from {IMAGES_ENV})"
+        raise FileNotFoundError(f"image folder {folder}{source} does not exist; pass --images DIR")
+    return folder
+
+
 def image_files(config: EvaluateConfig) -> tuple[Path, list[Path]]:
     """The image folder and its image files (sorted, at most ``max_images``); errors name what is missing."""
     from ncpipe.train.data import list_image_files
 
-    folder = Path(config.images) if config.images else DEFAULT_IMAGES
-    if not folder.is_dir():
-        hint = " (the default: Kodak beside the repository)" if not config.images else ""
-        raise FileNotFoundError(f"image folder {folder}{hint} does not exist; pass --images DIR")
+    folder = images_folder(config)
     files = list_image_files([str(folder)])
     return folder, files[: config.max_images] if config.max_images else files
 
 
-def evaluate_checkpoint(ref: ModelRef, images: list[tuple[str, np.ndarray]], device: str) -> list[ImageResult]:
-    """Load one model (its SHA-256 checked against its card) and measure it on ``images``."""
+def evaluate_checkpoint(ref: ModelRef, images: list[tuple[str, np.ndarray]], device: str,
+                        progress: Progress | None = None) -> list[ImageResult]:
+    """Load one model (its SHA-256 checked against its card) and measure it on ``images`` at each of its
+    rate points (every quality level of a variable-rate model)."""
     from ncpipe.codec import LearnedCodec
     from ncpipe.models.checkpoint import load_codec_model
     from ncpipe.train.loop import resolve_device
@@ -181,16 +205,38 @@ def evaluate_checkpoint(ref: ModelRef, images: list[tuple[str, np.ndarray]], dev
     model = load_codec_model(ref.checkpoint, ref.expected_sha256).to(resolve_device(device))
     codec = LearnedCodec(model)
     try:
-        return evaluate_learned(codec, ref.name, images)
+        return evaluate_model(codec, ref.name, images, progress)
     finally:
         codec.close()
 
 
-def card_evaluation(results: list[ImageResult], dataset: str, command: str, device: str) -> dict[str, Any]:
-    """The card entry for one model's measurement (means computed as the summary's)."""
+CARD_MEANS = ("bpp", "psnr", "ms_ssim", "encode_seconds", "decode_seconds")
+
+
+def card_evaluation(results: list[ImageResult], dataset: str, command: str, device: str,
+                    default_quality: int | None = None) -> dict[str, Any]:
+    """The card entry for one model's measurement (means computed as the summary's).
+
+    A variable-rate model's results (quality levels 1..n) need its ``default_quality``: a mean over
+    levels means nothing, so the entry's top-level means are the default quality's, and ``qualities``
+    holds the means of every level with its λ.
+    """
     from ncpipe.models.release import summarise_results
 
-    return {**summarise_results(results, dataset, command), "device": device}
+    levels: dict[int, list[ImageResult]] = {}
+    for r in results:
+        levels.setdefault(r.quality, []).append(r)
+    if set(levels) == {0}:  # a fixed-rate model
+        return {**summarise_results(results, dataset, command), "device": device}
+    if default_quality not in levels:
+        raise ValueError(f"default quality {default_quality} is not among the measured levels {sorted(levels)}")
+    qualities = [
+        {"quality": q, "lambda": float(members[0].rate),
+         **{key: statistics.fmean(getattr(r, key) for r in members) for key in CARD_MEANS}}
+        for q, members in sorted(levels.items())
+    ]
+    return {**summarise_results(levels[default_quality], dataset, command), "device": device,
+            "default_quality": default_quality, "qualities": qualities}
 
 
 def equivalent_command(config: EvaluateConfig) -> str:
@@ -212,7 +258,9 @@ def equivalent_command(config: EvaluateConfig) -> str:
 
 
 def evaluate_job(config: EvaluateConfig) -> EvaluationReport:
-    """``run(config)`` for job specs of kind ``evaluate``: records the equivalent command line."""
+    """``run(config)`` for job specs of kind ``evaluate``: records the equivalent command line (with the
+    image folder, also when it came from $NCPIPE_EVAL_IMAGES, so that the command reproduces the run)."""
+    config = dataclasses.replace(config, images=str(images_folder(config)))
     return run_evaluation(config, equivalent_command(config))
 
 
@@ -226,15 +274,19 @@ def run_evaluation(config: EvaluateConfig, command: str) -> EvaluationReport:
     models = _learned_models(config.models)
     dataset = dataset_label(config.dataset or folder.name, len(files))
     images = load_image_set(files)
-    log.info("evaluating %d models and baselines %s on %s (%s)", len(models), list(baselines), dataset, device)
+    learned_points = sum(len(model.qualities) for model in models)
+    log.info("evaluating %d models (%d rate points) and baselines %s on %s (%s)",
+             len(models), learned_points, list(baselines), dataset, device)
     rows: list[EvaluationRow] = []
     measured: list[tuple[_LearnedModel, list[ImageResult]]] = []
-    for model in models:
-        results = evaluate_checkpoint(model.ref, images, device)
-        measured.append((model, results))
-        rows.extend(_learned_rows(model, results))
-    for codec in baselines.values():
-        rows.extend(_baseline_rows(codec, images))
+    # One unit per image coded at one learned rate point, or swept by one baseline.
+    with Progress(len(images) * (learned_points + len(baselines))) as progress:
+        for model in models:
+            results = evaluate_checkpoint(model.ref, images, device, progress)
+            measured.append((model, results))
+            rows.extend(_learned_rows(model, results))
+        for codec in baselines.values():
+            rows.extend(_baseline_rows(codec, images, progress))
     summary = summarise(rows)
     bd = bd_table(summary)
     metadata = {
@@ -247,7 +299,8 @@ def run_evaluation(config: EvaluateConfig, command: str) -> EvaluationReport:
     updated = []
     if config.update_cards:
         for model, results in measured:
-            updated.extend(_update_card(model.ref, card_evaluation(results, dataset, command, device)))
+            entry = card_evaluation(results, dataset, command, device, model.default_quality)
+            updated.extend(_update_card(model.ref, entry))
     return EvaluationReport(output, dataset, tuple(rows), tuple(summary), tuple(bd), written, tuple(updated))
 
 
@@ -255,49 +308,54 @@ def _learned_models(names: Sequence[str]) -> list[_LearnedModel]:
     refs = [resolve_model(name) for name in names] if names else list_models()
     if not refs:
         log.warning("the model registry is empty: evaluating baselines only")
-    models = []
-    for ref in refs:
-        card = ref.card or {}
-        series = card.get("series") or card.get("arch") or _arch_of(ref)
-        models.append(_LearnedModel(ref, series))
-    return models
+    return [_learned_model(ref) for ref in refs]
 
 
-def _arch_of(ref: ModelRef) -> str:
-    from ncpipe.models.checkpoint import read_checkpoint
+def _learned_model(ref: ModelRef) -> _LearnedModel:
+    from ncpipe.models.checkpoint import model_digest, read_checkpoint
 
-    return read_checkpoint(ref.checkpoint)["arch"]
+    # Read before any model runs: the progress total needs every model's number of quality levels.
+    checkpoint = read_checkpoint(ref.checkpoint)
+    levels = checkpoint.get("quality")  # variable-rate models only: {"lambdas": [λ_1..λ_n], "default": q}
+    card = ref.card or {}
+    # A variable-rate model is a whole curve by itself; fixed-rate models of one architecture make one together.
+    series = card.get("series") or (ref.name if levels else card.get("arch") or checkpoint["arch"])
+    qualities = tuple(range(1, len(levels["lambdas"]) + 1)) if levels else (0,)
+    return _LearnedModel(ref, series, ref.expected_sha256 or model_digest(checkpoint), qualities,
+                         int(levels["default"]) if levels else 0)
 
 
 def _learned_rows(model: _LearnedModel, results: list[ImageResult]) -> list[EvaluationRow]:
     return [
         EvaluationRow(
-            kind=LEARNED, series=model.series, codec=r.codec, rate_point=f"λ={r.rate}", rate_parameter=float(r.rate),
-            model_sha256=model.ref.expected_sha256 or _digest(model.ref), image=r.image, width=r.width,
-            height=r.height, num_bytes=r.num_bytes, bpp=r.bpp, psnr=r.psnr, ms_ssim=r.ms_ssim,
+            kind=LEARNED, series=model.series, codec=r.codec, rate_point=_rate_point(r),
+            rate_parameter=float(r.rate), quality=r.quality, model_sha256=model.sha256, image=r.image,
+            width=r.width, height=r.height, num_bytes=r.num_bytes, bpp=r.bpp, psnr=r.psnr, ms_ssim=r.ms_ssim,
             encode_seconds=r.encode_seconds, decode_seconds=r.decode_seconds,
         )
         for r in results
     ]
 
 
-def _digest(ref: ModelRef) -> str:
-    from ncpipe.models.checkpoint import model_digest, read_checkpoint
+def _rate_point(result: ImageResult) -> str:
+    """``q2`` for a variable-rate model's quality level, ``λ=0.0067`` for a fixed-rate model."""
+    return f"q{result.quality}" if result.quality else f"λ={result.rate}"
 
-    return model_digest(read_checkpoint(ref.checkpoint))
 
-
-def _baseline_rows(codec: ClassicalCodec, images: list[tuple[str, np.ndarray]]) -> list[EvaluationRow]:
+def _baseline_rows(
+    codec: ClassicalCodec, images: list[tuple[str, np.ndarray]], progress: Progress
+) -> list[EvaluationRow]:
     rows = []
     for name, pixels in images:
         height, width = pixels.shape[:2]
         for r in sweep(codec, pixels):
             rows.append(EvaluationRow(
                 kind=BASELINE, series=codec.name, codec=codec.name, rate_point=f"q{r.quality}",
-                rate_parameter=float(r.quality), model_sha256="", image=name, width=width, height=height,
-                num_bytes=r.num_bytes, bpp=r.bpp, psnr=r.psnr, ms_ssim=r.ms_ssim,
+                rate_parameter=float(r.quality), quality=0, model_sha256="", image=name, width=width,
+                height=height, num_bytes=r.num_bytes, bpp=r.bpp, psnr=r.psnr, ms_ssim=r.ms_ssim,
                 encode_seconds=r.encode_seconds, decode_seconds=r.decode_seconds,
             ))
+        progress.advance(codec.name)
     return rows
 
 
@@ -312,7 +370,7 @@ def summarise(rows: Sequence[EvaluationRow]) -> list[SummaryRow]:
         ms_ssim = statistics.fmean(r.ms_ssim for r in members)
         summary.append(SummaryRow(
             kind=first.kind, series=first.series, codec=first.codec, rate_point=first.rate_point,
-            rate_parameter=first.rate_parameter, images=len(members),
+            rate_parameter=first.rate_parameter, quality=first.quality, images=len(members),
             bpp=statistics.fmean(r.bpp for r in members), psnr=statistics.fmean(r.psnr for r in members),
             ms_ssim=ms_ssim, ms_ssim_db=ms_ssim_db(ms_ssim),
             encode_seconds=statistics.fmean(r.encode_seconds for r in members),
@@ -329,18 +387,22 @@ def ms_ssim_db(value: float) -> float:
 
 
 def bd_table(summary: Sequence[SummaryRow]) -> list[BdEntry]:
-    """BD-rate and BD-quality of each learned series against each baseline, on PSNR and MS-SSIM (dB)."""
+    """BD-rate and BD-quality of each learned series against each baseline and, when several learned
+    series were measured, against each other learned series (is a new model worth recompressing
+    for?), on PSNR and MS-SSIM (dB)."""
     curves: dict[tuple[str, str], list[SummaryRow]] = {}
     for row in summary:
         curves.setdefault((row.kind, row.series), []).append(row)
     learned = [series for kind, series in curves if kind == LEARNED]
-    baselines = [series for kind, series in curves if kind == BASELINE]
+    anchors = [(kind, series) for kind, series in curves if kind == BASELINE]
+    anchors += [(LEARNED, series) for series in learned]
     entries = []
     for series in learned:
-        for baseline in baselines:
+        for kind, anchor in anchors:
+            if (kind, anchor) == (LEARNED, series):
+                continue
             for metric in BD_METRICS:
-                entries.append(_bd_entry(series, curves[(LEARNED, series)], baseline,
-                                         curves[(BASELINE, baseline)], metric))
+                entries.append(_bd_entry(series, curves[(LEARNED, series)], anchor, curves[(kind, anchor)], metric))
     return entries
 
 
@@ -391,14 +453,26 @@ def _write_outputs(
     plot_rows = [asdict(r) for r in summary]
     title = metadata["dataset"]
     if plot_rows:
-        written.append(plot_rd(plot_rows, path=output / "rd_psnr.png", y="psnr", group="series",
-                               title=f"{title}: PSNR vs rate"))
+        written.append(plot_rd([*plot_rows, *_published_anchor_rows(title)], path=output / "rd_psnr.png", y="psnr",
+                               group="series", title=f"{title}: PSNR vs rate"))
         try:
             written.append(plot_rd(plot_rows, path=output / "rd_msssim.png", y="ms_ssim_db", group="series",
                                    title=f"{title}: MS-SSIM vs rate"))
         except ValueError as err:  # every MS-SSIM NaN: images with a side <= 40 px
             log.warning("no MS-SSIM plot: %s", err)
     return tuple(written)
+
+
+PUBLISHED_SERIES = "CompressAI mbt2018-mean (published, Kodak)"
+
+
+def _published_anchor_rows(dataset: str) -> list[dict[str, Any]]:
+    """CompressAI's published Kodak PSNR curve, drawn for reference on Kodak plots only (no MS-SSIM given)."""
+    from ncpipe.models.cards import PUBLISHED_ANCHOR_MBT2018_MEAN
+
+    if not dataset.startswith("kodak"):
+        return []
+    return [{"series": PUBLISHED_SERIES, "bpp": p["bpp"], "psnr": p["psnr"]} for p in PUBLISHED_ANCHOR_MBT2018_MEAN]
 
 
 def _write(path: Path, write) -> Path:
@@ -417,8 +491,9 @@ def _bd_json(bd: list[BdEntry], metadata: dict[str, Any]) -> str:
         "command": metadata["command"],
         "date": metadata["date"],
         "machine": metadata["machine"],
-        "convention": "anchor = baseline; bd_rate_percent < 0: the learned series needs fewer bits at equal "
-                      "quality; bd_quality > 0: it has higher quality (dB) at equal rate",
+        "convention": "anchor = baseline (a classical codec, or another learned series); bd_rate_percent < 0: "
+                      "the learned series needs fewer bits at equal quality; bd_quality > 0: it has higher quality "
+                      "(dB) at equal rate",
         "entries": [
             {**asdict(e), "bd_rate_percent": _finite(e.bd_rate_percent), "bd_quality": _finite(e.bd_quality)}
             for e in bd
@@ -431,7 +506,8 @@ def render_bd_markdown(bd: Sequence[BdEntry], metadata: dict[str, Any]) -> str:
     lines = [
         f"# BD-rate on {metadata['dataset']}",
         "",
-        "Anchor: the baseline. Negative BD-rate: the learned series needs fewer bits for the same quality; "
+        "Anchor: the baseline (a classical codec, or another learned series). Negative BD-rate: the learned series "
+        "needs fewer bits for the same quality; "
         "BD-quality: its mean quality gain (dB) at the same rate. MS-SSIM is in dB, -10·log10(1 - MS-SSIM).",
         "",
         f"Command: `{metadata['command']}`, {metadata['date']}, on {metadata['machine']}.",

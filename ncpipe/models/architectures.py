@@ -5,6 +5,13 @@ reaches into a CompressAI class::
 
     x ──g_a──► y ──h_a──► z ──Q(median)──► ẑ ──h_s──► (scales, means) ──► ŷ ──g_s──► x̂
 
+A *variable-rate* model adds a :class:`QualitySteps` table: for each quality level ``q`` a
+quantization step per latent channel, ``Δ_q``. The encoder codes ``round((y − μ)/Δ_q)`` with
+the Gaussian of scale ``σ/Δ_q``, the decoder forms ``ŷ = Δ_q · symbol + μ``; one set of
+transforms then serves every rate (quantization-step gains, as in Kamisli et al., DCC 2024,
+and CompressAI's ``vbr`` models). Training draws a level per sample and weights its
+distortion by that level's λ.
+
 ``hyper_synthesis_layers`` is the part that turns ẑ into entropy parameters. It is the
 only part whose output must agree bit for bit between encoder and decoder, so ncpipe
 runs it in fixed-point integer arithmetic (:mod:`ncpipe.entropy.integer_net`) instead of
@@ -65,6 +72,32 @@ def architecture(name: str) -> ArchitectureSpec:
         ) from None
 
 
+class QualitySteps(nn.Module):
+    """Learned per-level, per-channel quantization steps ``Δ_q = exp(log_steps[q])``.
+
+    Levels are ordered by λ (quality 1 = the smallest λ = the fewest bits). The steps start at
+    ``sqrt(λ_ref / λ_q)``, the high-rate optimum when the transforms were trained at ``λ_ref``.
+    """
+
+    def __init__(self, lambdas: tuple[float, ...], channels: int, reference_lambda: float | None = None):
+        super().__init__()
+        if len(lambdas) < 2 or any(b <= a for a, b in zip(lambdas, lambdas[1:])):
+            raise ValueError(f"a variable-rate model needs >= 2 increasing λ levels, got {lambdas}")
+        values = torch.tensor(lambdas, dtype=torch.float64)
+        reference = float(reference_lambda) if reference_lambda else float(values.log().mean().exp())
+        self.register_buffer("lambdas", values.float())
+        start = (0.5 * (reference / values).log()).float()
+        self.log_steps = nn.Parameter(start[:, None].repeat(1, channels))
+
+    @property
+    def levels(self) -> int:
+        return self.lambdas.numel()
+
+    def steps(self, levels: torch.Tensor) -> torch.Tensor:
+        """Level indexes (B,) in 0..levels-1 -> Δ (B, C, 1, 1)."""
+        return self.log_steps[levels].exp()[:, :, None, None]
+
+
 @dataclass(frozen=True)
 class TrainOutputs:
     """What one rate-distortion training step needs from the model."""
@@ -77,9 +110,14 @@ class TrainOutputs:
 class HyperpriorAdapter:
     """Names the pieces of a (mean-)scale hyperprior CompressAI model."""
 
-    def __init__(self, spec: ArchitectureSpec, model: CompressionModel):
+    def __init__(self, spec: ArchitectureSpec, model: CompressionModel, quality: QualitySteps | None = None):
         self.spec = spec
         self.model = model
+        self.quality = quality
+
+    def modules(self) -> nn.ModuleList:
+        """Everything that trains: the CompressAI model and, for a variable-rate model, its steps."""
+        return nn.ModuleList([self.model] + ([self.quality] if self.quality is not None else []))
 
     @property
     def latent_channels(self) -> int:
@@ -109,9 +147,11 @@ class HyperpriorAdapter:
             return scales, means
         return params, torch.zeros_like(params)
 
-    def forward_train(self, x: torch.Tensor, autocast_dtype: torch.dtype | None) -> TrainOutputs:
+    def forward_train(self, x: torch.Tensor, autocast_dtype: torch.dtype | None,
+                      levels: torch.Tensor | None = None) -> TrainOutputs:
         """Noise-proxy forward pass; the transforms may run in reduced precision,
-        the entropy models always run in float32 (their likelihoods need it)."""
+        the entropy models always run in float32 (their likelihoods need it).
+        ``levels`` (B,): each sample's quality level, for a variable-rate model."""
         with _autocast(x.device, autocast_dtype):
             y = self.model.g_a(x)
         y = y.float()
@@ -119,9 +159,14 @@ class HyperpriorAdapter:
         z = self.model.h_a(hyper_input)
         z_hat, z_likelihoods = self.model.entropy_bottleneck(z)
         scales, means = self.split_entropy_parameters(self.model.h_s(z_hat))
-        y_hat, y_likelihoods = self.model.gaussian_conditional(
-            y, scales, means=means if self.spec.has_means else None
-        )
+        if self.quality is None:
+            y_hat, y_likelihoods = self.model.gaussian_conditional(
+                y, scales, means=means if self.spec.has_means else None
+            )
+        else:
+            steps = self.quality.steps(levels)
+            y_scaled, y_likelihoods = self.model.gaussian_conditional((y - means) / steps, scales / steps)
+            y_hat = y_scaled * steps + means
         with _autocast(x.device, autocast_dtype):
             x_hat = self.model.g_s(y_hat)
         return TrainOutputs(x_hat.float(), y_likelihoods, z_likelihoods)
@@ -131,6 +176,12 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def build_adapter(arch: str, hparams: dict[str, int] | None = None) -> HyperpriorAdapter:
+def build_adapter(arch: str, hparams: dict[str, int] | None = None, lambdas: tuple[float, ...] = (),
+                  reference_lambda: float | None = None) -> HyperpriorAdapter:
+    """A fresh model; with two or more ``lambdas``, a variable-rate one with a level per λ."""
     spec = architecture(arch)
-    return HyperpriorAdapter(spec, spec.build(**(hparams or {})))
+    model = spec.build(**(hparams or {}))
+    adapter = HyperpriorAdapter(spec, model)
+    if len(lambdas) > 1:
+        adapter.quality = QualitySteps(tuple(lambdas), adapter.latent_channels, reference_lambda)
+    return adapter

@@ -91,7 +91,7 @@ def render_card(card: dict[str, Any]) -> str:
         "| field | value |",
         "| --- | --- |",
         f"| architecture | `{card['arch']}` {card.get('hparams', {})} |",
-        f"| rate parameter | λ = {card['rate']['lambda']} (loss λ·255²·MSE + bpp) |",
+        _rate_line(card),
         f"| model SHA-256 | `{card['sha256']}` |",
         f"| file SHA-256 | `{card.get('file_sha256', '')}` |",
         f"| training data | {train.get('data', '?')} |",
@@ -101,25 +101,52 @@ def render_card(card: dict[str, Any]) -> str:
         "",
     ]
     for result in card.get("evaluations", []):
+        lines += [f"## Measured: {result['dataset']}", ""]
+        kodak = result["dataset"].startswith("kodak")  # the published curve is Kodak's
+        lines += _quality_table(result["qualities"], kodak) if result.get("qualities") else _single_result(result)
         lines += [
-            f"## Measured: {result['dataset']}",
-            "",
-            f"- bpp {result['bpp']:.4f} (real bitstreams, container included), PSNR {result['psnr']:.2f} dB, "
-            f"MS-SSIM {result['ms_ssim']:.4f}, {result['images']} images",
-            f"- encode {result['encode_seconds']:.3f} s/image, decode {result['decode_seconds']:.3f} s/image",
             f"- measured {result['date']} on {result['machine']}",
             f"- command: `{result['command']}`",
+            "",
         ]
-        gap = result.get("anchor_gap")
-        if gap:
-            lines.append(
-                f"- published CompressAI mbt2018-mean at this bpp: {gap['anchor_psnr_at_bpp']} dB "
-                f"(our gap: {gap['psnr_gap_db']:+.2f} dB)"
-            )
-        lines.append("")
     if card.get("notes"):
         lines += ["## Notes", "", card["notes"], ""]
     return "\n".join(lines)
+
+
+def _rate_line(card: dict[str, Any]) -> str:
+    quality = card.get("quality")
+    if not quality:
+        return f"| rate parameter | λ = {card['rate']['lambda']} (loss λ·255²·MSE + bpp) |"
+    levels = ", ".join(f"{q}: {v:.4g}" for q, v in enumerate(quality["lambdas"], 1))
+    return (f"| quality levels | 1..{len(quality['lambdas'])} (`--quality`, default {quality['default']}); "
+            f"λ per level: {levels} (loss λ·255²·MSE + bpp) |")
+
+
+def _single_result(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"- bpp {result['bpp']:.4f} (real bitstreams, container included), PSNR {result['psnr']:.2f} dB, "
+        f"MS-SSIM {result['ms_ssim']:.4f}, {result['images']} images",
+        f"- encode {result['encode_seconds']:.3f} s/image, decode {result['decode_seconds']:.3f} s/image",
+    ]
+    gap = result.get("anchor_gap")
+    if gap:
+        lines.append(f"- published CompressAI mbt2018-mean at this bpp: {gap['anchor_psnr_at_bpp']} dB "
+                     f"(our gap: {gap['psnr_gap_db']:+.2f} dB)")
+    return lines
+
+
+def _quality_table(qualities: Sequence[dict[str, Any]], kodak: bool) -> list[str]:
+    """One row per quality level: means over the images, and (on Kodak) the gap to the published curve."""
+    lines = ["| quality | λ | bpp | PSNR (dB) | MS-SSIM | encode s/img | decode s/img | gap to published |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for q in qualities:
+        gap = anchor_gap(q["bpp"], q["psnr"]) if kodak else None
+        gap_text = f"{gap['psnr_gap_db']:+.2f} dB" if gap else "outside its range" if kodak else "– (not Kodak)"
+        lines.append(f"| {q['quality']} | {q['lambda']:.4g} | {q['bpp']:.4f} | {q['psnr']:.2f} | {q['ms_ssim']:.4f} "
+                     f"| {q['encode_seconds']:.3f} | {q['decode_seconds']:.3f} | {gap_text} |")
+    return [*lines, "", "bpp counts real bitstreams, container included; the published curve is CompressAI's "
+            "mbt2018-mean on Kodak (log-linear interpolation).", ""]
 
 
 def render_decoder_card(card: dict[str, Any]) -> str:

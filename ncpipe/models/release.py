@@ -7,12 +7,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ncpipe.codec import LearnedCodec
-from ncpipe.evaluation.learned import ImageResult, evaluate_learned, load_image_set
-from ncpipe.models.architectures import build_adapter
+from ncpipe.evaluation.learned import ImageResult, load_image_set
+from ncpipe.evaluation.run import card_evaluation, evaluate_checkpoint
 from ncpipe.models.cards import anchor_gap, machine_description, now_utc, write_card
-from ncpipe.models.checkpoint import CheckpointError, file_sha256, load_codec_model, release_checkpoint, save_checkpoint
-from ncpipe.models.registry import CHECKPOINT_NAME, DECODER_FILES, find_by_sha256
+from ncpipe.models.checkpoint import CheckpointError, file_sha256, release_checkpoint, save_checkpoint
+from ncpipe.models.registry import CHECKPOINT_NAME, DECODER_FILES, ModelRef, find_by_sha256
+from ncpipe.train.codec_trainer import adapter_from_state
 from ncpipe.train.loop import load_state
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ def summarise_results(results: list[ImageResult], dataset: str, command: str) ->
         "machine": machine_description(),
         "command": command,
     }
-    summary["anchor_gap"] = anchor_gap(summary["bpp"], summary["psnr"])
+    # the published curve is measured on Kodak: a gap to it means something there only
+    summary["anchor_gap"] = anchor_gap(summary["bpp"], summary["psnr"]) if dataset.startswith("kodak") else None
     return summary
 
 
@@ -45,23 +46,20 @@ def release_run(
     command: str,
     summary: str,
     training_facts: dict[str, Any],
+    default_quality: int | None = None,
 ) -> dict[str, Any]:
     """Freeze ``run_dir``'s training state as ``models_dir/name`` and measure it."""
     state = load_state(run_dir)
     if state is None:
         raise FileNotFoundError(f"no training state in {run_dir}")
-    adapter = build_adapter(state["arch"], state["hparams"])
-    adapter.model.load_state_dict(state["model"])
+    adapter = adapter_from_state(state)
     training = {**{k: state["config"][k] for k in ("data", "batch_size", "crop", "lr", "lr_decay_at", "seed")},
                 "steps": state["step"], **training_facts}
-    checkpoint = release_checkpoint(adapter, state["lmbda"], {"training": training})
+    checkpoint = release_checkpoint(adapter, state["lambdas"], {"training": training}, default_quality)
     directory = models_dir / name
     sha256 = save_checkpoint(checkpoint, directory / CHECKPOINT_NAME)
-    codec = LearnedCodec(load_codec_model(directory / CHECKPOINT_NAME, sha256))
-    try:
-        results = evaluate_learned(codec, name, load_image_set(eval_images))
-    finally:
-        codec.close()
+    ref = ModelRef(name, directory / CHECKPOINT_NAME, sha256, None)
+    results = evaluate_checkpoint(ref, load_image_set(eval_images), "cpu")
     card = {
         "name": name,
         "summary": summary,
@@ -69,10 +67,12 @@ def release_run(
         "arch": state["arch"],
         "hparams": state["hparams"],
         "rate": checkpoint["rate"],
+        **({"quality": checkpoint["quality"]} if "quality" in checkpoint else {}),
         "sha256": sha256,
         "file_sha256": file_sha256(directory / CHECKPOINT_NAME),
         "training": training,
-        "evaluations": [summarise_results(results, dataset, command)],
+        "evaluations": [card_evaluation(results, dataset, command, "cpu",
+                                        checkpoint.get("quality", {}).get("default"))],
     }
     write_card(directory, card)
     log.info("released %s: %s", name, card["evaluations"][0])

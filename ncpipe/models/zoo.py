@@ -82,6 +82,7 @@ def import_zoo_weights(
         "file_sha256": source_sha256, "zoo_file_name": bool(named), "compressai_release": path.name == official,
         "lambda": "given" if lmbda is not None else "CompressAI zoo training λ for this quality",
     }
-    checkpoint = release_checkpoint(adapter, lmbda if lmbda is not None else ZOO_MSE_LAMBDAS[quality],
-                                    {"source": source})
+    # float32 kept: an imported model reproduces CompressAI's published weights exactly
+    checkpoint = release_checkpoint(adapter, [lmbda if lmbda is not None else ZOO_MSE_LAMBDAS[quality]],
+                                    {"source": source}, half_precision=False)
     return checkpoint, source

@@ -89,7 +89,7 @@ class _InflightBatch:
     items: list[_Prepared]
     analysed: AnalysedBatch
     pending: list[PendingBitstream]
-    quality: list[tuple[float | None, float | None]]
+    scores: list[tuple[float | None, float | None]]  # (PSNR, MS-SSIM) of each item
     started: float
     corrections: tuple[CorrectionCoefficients, ...] | None = None  # CorrDiff's, one per item
 
@@ -200,12 +200,13 @@ class ShardCompressor:
 
     def _start_batch(self, items: list[_Prepared]) -> _InflightBatch:
         started = time.perf_counter()
-        analysed = self.codec.analyse([item.image.pixels for item in items], reconstruct=self.config.metrics)
-        quality = self._quality(items, analysed)
+        analysed = self.codec.analyse([item.image.pixels for item in items], reconstruct=self.config.metrics,
+                                      quality=self.config.quality)
+        scores = self._scores(items, analysed)
         pending = [
             self.codec.submit_entropy_coding(analysed, i, item.image.source_mode) for i, item in enumerate(items)
         ]
-        return _InflightBatch(items, analysed, pending, quality, started, self._corrections(items, analysed))
+        return _InflightBatch(items, analysed, pending, scores, started, self._corrections(items, analysed))
 
     def _corrections(self, items: list[_Prepared],
                      analysed: AnalysedBatch) -> tuple[CorrectionCoefficients, ...] | None:
@@ -217,7 +218,7 @@ class ShardCompressor:
             [item.sample.key for item in items], self.config.corrdiff_steps, self.config.corrdiff_bits,
         )
 
-    def _quality(self, items: list[_Prepared], analysed: AnalysedBatch) -> list[tuple[float | None, float | None]]:
+    def _scores(self, items: list[_Prepared], analysed: AnalysedBatch) -> list[tuple[float | None, float | None]]:
         if analysed.reconstructions is None:
             return [(None, None)] * len(items)
         scores = []
@@ -234,7 +235,9 @@ class ShardCompressor:
         bitstreams = [pending.result() for pending in batch.pending]
         seconds_each = (time.perf_counter() - batch.started) / len(batch.items)
         identity = self.codec.model.identity
-        for index, (item, data, (psnr, ms_ssim)) in enumerate(zip(batch.items, bitstreams, batch.quality)):
+        quality = batch.analysed.quality
+        rate = self.codec.model.rate_of(quality)
+        for index, (item, data, (psnr, ms_ssim)) in enumerate(zip(batch.items, bitstreams, batch.scores)):
             sample, image = item.sample, item.image
             data, corrdiff_columns = self._with_corrections(data, batch, index)
             carried = self._write_coded(item, data, writer)
@@ -256,7 +259,8 @@ class ShardCompressor:
                     ms_ssim=_finite_or_none(ms_ssim),
                     model_id=self.model_id,
                     model_sha256=identity.sha256,
-                    rate=identity.rate,
+                    rate=rate,
+                    quality=quality,
                     encode_seconds=seconds_each,
                     carried_members=carried,
                     output_shard=redact(task.shard_url),

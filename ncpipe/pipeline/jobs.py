@@ -32,7 +32,7 @@ from ncpipe.io.storage import (
 from ncpipe.io.urls import expand_inputs, redact, shard_stem
 from ncpipe.manifest import RESTORE_SCHEMA, STATUS_ERROR, STATUS_OK, read_manifest
 from ncpipe.models.checkpoint import model_digest, read_checkpoint
-from ncpipe.models.registry import describe_sha256, find_by_sha256, resolve_model
+from ncpipe.models.registry import describe_sha256, find_by_sha256, load_model, resolve_model
 from ncpipe.pipeline.distributor import PoolOutcome, ProgressLog, connect, plan_workers, run_on_actors
 from ncpipe.pipeline.layout import (
     FIRST_GENERATION,
@@ -108,6 +108,18 @@ def model_sha256_of(model: str) -> str:
     return ref.expected_sha256 or model_digest(read_checkpoint(ref.checkpoint))
 
 
+def coding_quality(model: str, quality: int | None) -> int:
+    """The quality level ``model`` codes at: ``quality``, or the model's default (0: a fixed-rate model).
+
+    Checked here, in the driver, so a level the model lacks fails the job at once with one
+    :class:`QualityError` naming the model's levels, instead of failing every shard on the actors."""
+    loaded = load_model(model)
+    if quality is None:
+        return loaded.quality.default if loaded.variable_rate else 0
+    loaded.check_quality(quality)
+    return quality
+
+
 def corrdiff_sha256_of(path: str, codec_sha256: str | None = None) -> str:
     """A CorrDiff decoder's SHA-256, checked here (before any actor starts) to load and, when
     ``codec_sha256`` is given, to have been trained for that codec."""
@@ -152,6 +164,8 @@ def run_compress(config: CompressConfig) -> CompressSummary:
     started = time.perf_counter()
     inputs = expand_inputs(config.inputs)
     sha256 = model_sha256_of(config.model)
+    if config.quality is not None:  # the model's default needs no check (nor loading the model here)
+        coding_quality(config.model, config.quality)
     corrdiff_sha256 = corrdiff_sha256_of(config.corrdiff, sha256) if config.corrdiff else None
     fingerprint = config.coding_fingerprint(sha256, corrdiff_sha256)
     job_id = new_job_id(fingerprint)
@@ -444,7 +458,7 @@ class RecompressSummary:
 def run_recompress(config: RecompressConfig) -> RecompressSummary:
     from ncpipe.manifest import ManifestRow
     from ncpipe.pipeline.actors import RecompressActor
-    from ncpipe.pipeline.recompress import RecompressPolicy, RecompressTask, is_selected, policy_cutoff
+    from ncpipe.pipeline.recompress import CodingTarget, RecompressPolicy, RecompressTask, is_selected, policy_cutoff
 
     started = time.perf_counter()
     archive = ArchiveLayout(config.archive)
@@ -453,14 +467,15 @@ def run_recompress(config: RecompressConfig) -> RecompressSummary:
         raise ConfigError(f"{redact(config.archive)} has no CURRENT generation: not an ncpipe archive")
     previous = archive.generation(current)
     target_sha = model_sha256_of(config.model)
-    policy = RecompressPolicy(config.older_than_model, config.min_psnr, config.max_bpp)
+    target = CodingTarget(target_sha, coding_quality(config.model, config.quality))
+    policy = RecompressPolicy(config.older_than_model, config.min_psnr, config.max_bpp, config.quality_above)
     cutoff = policy_cutoff(policy)
     table = read_manifest(previous.manifest_dir)
     by_shard: dict[str, list[dict]] = {}
     for row in table.to_pylist():
         by_shard.setdefault(row["output_shard"], []).append(row)
     selection = {
-        shard: frozenset(i for i, row in enumerate(rows) if is_selected(row, target_sha, policy, cutoff))
+        shard: frozenset(i for i, row in enumerate(rows) if is_selected(row, target, policy, cutoff))
         for shard, rows in by_shard.items()
     }
     chosen = [by_shard[s][i] for s, positions in selection.items() for i in positions]
@@ -474,7 +489,7 @@ def run_recompress(config: RecompressConfig) -> RecompressSummary:
             mean_generation_loss_db=None, switched=False, wall_seconds=time.perf_counter() - started,
         )
     fingerprint = hashlib.sha256(json.dumps(
-        {"target": target_sha, "from": current, "policy": dataclasses.asdict(policy),
+        {"target": target_sha, "from": current, "policy": policy.fingerprint_fields(),
          "originals": config.originals, "transcode_only": config.transcode_only,
          "coding": config.compress_config().coding_fingerprint(target_sha)}, sort_keys=True,
     ).encode()).hexdigest()[:16]

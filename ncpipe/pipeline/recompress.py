@@ -1,10 +1,11 @@
 """Recompression: re-encode what a policy selects with a newer model, as a new generation.
 
-Selection (on the current generation's manifest): rows coded ``ok`` by a model other than
-the target, and — when any policy condition is given — matching at least one of them
-(coded by a model released before ``older_than_model``, PSNR below ``min_psnr``, bpp above
-``max_bpp``). Samples already coded by the target are never selected again, so repeated
-runs converge and a run with nothing to do changes nothing.
+Selection (on the current generation's manifest): rows coded ``ok`` other than by the
+target (a model and its quality level), and — when any policy condition is given — matching
+at least one of them (coded by a model released before ``older_than_model``, PSNR below
+``min_psnr``, bpp above ``max_bpp``, at a quality level above ``quality_above``). Samples
+already coded by the target are never selected again, so repeated runs converge and a run
+with nothing to do changes nothing.
 
 Source of the pixels, per selected sample:
 
@@ -51,19 +52,41 @@ class RecompressError(NcpipeError, RuntimeError):
 
 
 @dataclass(frozen=True)
+class CodingTarget:
+    """What recompression codes with: a model and the quality level it codes at (0: a fixed-rate model)."""
+
+    sha256: str
+    quality: int = 0
+
+    def coded(self, row: dict) -> bool:
+        """Whether ``row`` was coded just so; parts written before the quality column existed
+        come from fixed-rate models, so their null quality reads as 0."""
+        return row["model_sha256"] == self.sha256 and (row["quality"] or 0) == self.quality
+
+
+@dataclass(frozen=True)
 class RecompressPolicy:
     older_than_model: str | None = None
     min_psnr: float | None = None
     max_bpp: float | None = None
+    quality_above: int | None = None
 
     def describe(self) -> str:
         parts = [
             f"model released before {self.older_than_model}" if self.older_than_model else "",
             f"PSNR < {self.min_psnr} dB" if self.min_psnr is not None else "",
             f"bpp > {self.max_bpp}" if self.max_bpp is not None else "",
+            f"quality > {self.quality_above}" if self.quality_above is not None else "",
         ]
         chosen = [p for p in parts if p]
-        return " or ".join(chosen) if chosen else "every sample not yet coded by the target model"
+        return " or ".join(chosen) if chosen else "every sample not yet coded by the target model at its quality"
+
+    def fingerprint_fields(self) -> dict:
+        """The policy as a job fingerprint records it."""
+        fields = dataclasses.asdict(self)
+        if self.quality_above is None:  # left out, so recompressions without it keep the fingerprints they had
+            del fields["quality_above"]
+        return fields
 
 
 def release_date(sha256: str) -> str | None:
@@ -71,9 +94,9 @@ def release_date(sha256: str) -> str | None:
     return (ref.card or {}).get("released") if ref else None
 
 
-def is_selected(row: dict, target_sha256: str, policy: RecompressPolicy, cutoff: str | None) -> bool:
+def is_selected(row: dict, target: CodingTarget, policy: RecompressPolicy, cutoff: str | None) -> bool:
     """Whether ``row`` (a manifest row as a dict) is re-encoded under ``policy``."""
-    if row["status"] != STATUS_OK or row["model_sha256"] == target_sha256:
+    if row["status"] != STATUS_OK or target.coded(row):
         return False
     conditions = []
     if policy.older_than_model:
@@ -84,6 +107,8 @@ def is_selected(row: dict, target_sha256: str, policy: RecompressPolicy, cutoff:
         conditions.append(row["psnr"] is not None and row["psnr"] < policy.min_psnr)
     if policy.max_bpp is not None:
         conditions.append(row["bpp"] is not None and row["bpp"] > policy.max_bpp)
+    if policy.quality_above is not None:
+        conditions.append(row["quality"] is not None and row["quality"] > policy.quality_above)
     return any(conditions) if conditions else True
 
 

@@ -142,7 +142,7 @@ def _chunk_frames(data: bytes, header: fmt.BitstreamHeader) -> tuple[Frames, Dam
     report can say exactly which parts of an image are lost. Payload None: the chunk is damaged."""
     frames: Frames = []
     damage: Damage = []
-    offset = fmt.HEADER_SIZE
+    offset = header.size
     for index in range(1 + header.num_y_chunks):
         name = fmt._chunk_name(header, index)
         if offset + _U32.size > len(data):
@@ -162,7 +162,7 @@ def _chunk_frames(data: bytes, header: fmt.BitstreamHeader) -> tuple[Frames, Dam
         offset = end + _U32.size
     if header.version >= 2:  # extensions (decoder side information), each with its own CRC32
         try:
-            _, offset = fmt._read_extensions(memoryview(data), offset)
+            _, offset = fmt._read_extensions(memoryview(data), offset, header.version)
         except fmt.BitstreamError as err:
             damage.append((EXTENSIONS_CHUNK, str(err)))
             return frames, damage
@@ -211,7 +211,7 @@ def _entropy_decode(
         z = rans.decode(z_stream, z_tables, model.z_tables).reshape(header.z_shape)
     except rans.EntropyCodingError as err:
         return None, [(z_name, f"rANS decode failed: {err}")]
-    indexes, _ = codec.entropy_parameters(torch.from_numpy(z)[None])
+    indexes, _ = codec.entropy_parameters(torch.from_numpy(z)[None], [header.quality])
     indexes = indexes[0].cpu().numpy()
     damage, y_parts = [], []
     for (name, stream), (start, stop) in zip(y_frames, header.y_chunk_ranges()):

@@ -2,18 +2,25 @@
 
 Loss (Ballé et al. 2018): ``L = λ · 255² · MSE(x, x̂) + bpp``, with the noise proxy
 for quantization, plus the entropy bottleneck's auxiliary quantile loss on its own
-optimizer. Training state is saved atomically every ``checkpoint_every`` steps and a
-re-run with the same ``run_dir`` resumes from it. ``ncpipe.models.release`` turns the
-final state into a shipped checkpoint.
+optimizer. With several ``lambdas`` the model is variable-rate: every crop draws a
+quality level, is quantized with that level's steps and weighted by its λ, so one set
+of transforms learns every rate.
+
+Training comes in windows (a GPU lease, a CI slot): ``max_minutes`` ends a run cleanly,
+the state is saved every ``checkpoint_every`` steps and every ``checkpoint_minutes``,
+and a re-run with the same ``run_dir`` resumes. A new ``run_dir`` continues from a
+released model with ``init_from`` (``ncpipe.models.release`` freezes the state into one).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ncpipe.config import ConfigError
@@ -21,6 +28,7 @@ from ncpipe.models.architectures import HyperpriorAdapter, build_adapter
 from ncpipe.train.data import RandomCrops, load_training_images
 from ncpipe.train.loop import (
     ProgressLog,
+    StopRequest,
     autocast_dtype,
     load_state,
     resolve_device,
@@ -30,6 +38,9 @@ from ncpipe.train.loop import (
 
 log = logging.getLogger(__name__)
 
+# Quality levels 1..8 of the shipped variable-rate codec: λ doubles from one level to the next.
+QUALITY_LAMBDAS = tuple(0.0008 * 2**k for k in range(8))
+
 
 @dataclass(frozen=True)
 class CodecTrainConfig:
@@ -37,7 +48,7 @@ class CodecTrainConfig:
     run_dir: str
     arch: str = "mbt2018-mean"
     hparams: dict[str, int] = field(default_factory=lambda: {"N": 96, "M": 128})
-    lmbda: float = 0.0067
+    lambdas: tuple[float, ...] = QUALITY_LAMBDAS  # one λ: a fixed-rate model; several: quality levels 1..n
     steps: int = 20000
     batch_size: int = 8
     crop: int = 128
@@ -46,6 +57,9 @@ class CodecTrainConfig:
     lr_decay_at: float = 0.85
     clip_grad_norm: float = 1.0
     checkpoint_every: int = 500
+    checkpoint_minutes: float = 5.0
+    max_minutes: float | None = None  # stop (saving the state) after this much training time
+    part_mib: int | None = None  # write the training state as parts of at most this many MiB
     log_every: int = 50
     seed: int = 0
     device: str = "auto"
@@ -56,9 +70,15 @@ class CodecTrainConfig:
     def __post_init__(self) -> None:
         if not self.data or not self.run_dir:
             raise ConfigError("data and run_dir are required")
-        for name in ("steps", "batch_size", "crop", "lr", "aux_lr", "checkpoint_every", "log_every", "lmbda"):
+        for name in ("steps", "batch_size", "crop", "lr", "aux_lr", "checkpoint_every", "log_every",
+                     "checkpoint_minutes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)!r}")
+        for name in ("max_minutes", "part_mib"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)!r}")
+        if not self.lambdas or any(v <= 0 for v in self.lambdas) or list(self.lambdas) != sorted(set(self.lambdas)):
+            raise ConfigError(f"lambdas: one or more distinct positive λ in increasing order, got {self.lambdas!r}")
         if not 0.0 < self.lr_decay_at <= 1.0:
             raise ConfigError(f"lr_decay_at: must lie in (0, 1], got {self.lr_decay_at!r}")
         if self.threads < 0:
@@ -70,8 +90,8 @@ def resume_step(config: CodecTrainConfig) -> int:
     state = load_state(Path(config.run_dir))
     if state is None:
         return 0
-    saved = {"arch": state["arch"], "hparams": dict(state["hparams"]), "lmbda": state["lmbda"]}
-    wanted = {"arch": config.arch, "hparams": dict(config.hparams), "lmbda": config.lmbda}
+    saved = {"arch": state["arch"], "hparams": dict(state["hparams"]), "lambdas": list(state.get("lambdas", ()))}
+    wanted = {"arch": config.arch, "hparams": dict(config.hparams), "lambdas": list(config.lambdas)}
     if saved != wanted:
         raise ConfigError(
             f"run_dir {config.run_dir} holds a run of {saved}, not {wanted}: resume it with its own settings, "
@@ -80,18 +100,19 @@ def resume_step(config: CodecTrainConfig) -> int:
     return int(state["step"])
 
 
-def rate_distortion_loss(adapter: HyperpriorAdapter, x: torch.Tensor, lmbda: float, amp_dtype):
-    """Returns (loss, bpp, mse) for one batch."""
-    out = adapter.forward_train(x, amp_dtype)
-    num_pixels = x.shape[0] * x.shape[2] * x.shape[3]
-    bits = sum(torch.log(lk).sum() for lk in (out.y_likelihoods, out.z_likelihoods)) / -math.log(2)
-    bpp = bits / num_pixels
-    mse = torch.mean((out.x_hat - x) ** 2)
-    return lmbda * 255.0**2 * mse + bpp, bpp, mse
+def rate_distortion_loss(adapter: HyperpriorAdapter, x: torch.Tensor, lambdas: torch.Tensor,
+                         levels: torch.Tensor | None, amp_dtype):
+    """Returns (loss, bpp, mse), each averaged over the batch; ``lambdas`` (B,) weighs each crop."""
+    out = adapter.forward_train(x, amp_dtype, levels)
+    pixels = x.shape[2] * x.shape[3]
+    bits = sum(torch.log(lk).flatten(1).sum(1) for lk in (out.y_likelihoods, out.z_likelihoods)) / -math.log(2)
+    bpp = bits / pixels
+    mse = ((out.x_hat - x) ** 2).flatten(1).mean(1)
+    return (lambdas * 255.0**2 * mse + bpp).mean(), bpp.mean(), mse.mean()
 
 
 def _optimizers(adapter: HyperpriorAdapter, config: CodecTrainConfig):
-    named = dict(adapter.model.named_parameters())
+    named = dict(adapter.modules().named_parameters())
     aux_names = {n for n in named if n.endswith(".quantiles")}
     main = torch.optim.Adam([p for n, p in named.items() if n not in aux_names], lr=config.lr)
     aux = torch.optim.Adam([named[n] for n in sorted(aux_names)], lr=config.aux_lr)
@@ -99,64 +120,131 @@ def _optimizers(adapter: HyperpriorAdapter, config: CodecTrainConfig):
 
 
 def train_codec(config: CodecTrainConfig) -> Path:
-    """Train (or resume) and return the path of the saved training state."""
+    """Train (or resume) until `steps`, `max_minutes` or Ctrl-C; returns the run_dir holding the saved state."""
     resume_step(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     run_dir = Path(config.run_dir)
     torch.manual_seed(config.seed)
-    adapter = build_adapter(config.arch, config.hparams)
+    reference = _reference_lambda(config)
+    adapter = build_adapter(config.arch, config.hparams, config.lambdas, reference)
     main_opt, aux_opt = _optimizers(adapter, config)
     start = _restore(adapter, main_opt, aux_opt, run_dir, config)
-    adapter.model.to(device).train()
+    adapter.modules().to(device).train()
     _optimizer_to(main_opt, device)
     _optimizer_to(aux_opt, device)
-    crops = RandomCrops(load_training_images(config.data, config.crop), config.crop, config.seed + start)
+    crops = RandomCrops(load_training_images(config.data, config.crop), config.crop, config.seed + start, device)
+    level_rng = np.random.default_rng(config.seed + start + 1)
+    lambdas = torch.tensor(config.lambdas, dtype=torch.float32, device=device)
     amp_dtype = autocast_dtype(device, config.amp)
     progress = ProgressLog(config.steps, config.log_every)
-    log.info("training %s %s λ=%g on %s from step %d", config.arch, config.hparams, config.lmbda, device, start)
-    for step in range(start, config.steps):
-        for group in main_opt.param_groups:
-            group["lr"] = step_learning_rate(step, config.steps, config.lr, config.lr_decay_at)
-        x = crops.batch(config.batch_size).to(device, non_blocking=True)
-        loss, bpp, mse = rate_distortion_loss(adapter, x, config.lmbda, amp_dtype)
-        main_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(adapter.model.parameters(), config.clip_grad_norm)
-        main_opt.step()
-        aux_loss = adapter.model.aux_loss()
-        aux_opt.zero_grad(set_to_none=True)
-        aux_loss.backward()
-        aux_opt.step()
-        psnr = -10 * math.log10(max(mse.item(), 1e-10))
-        progress.add(step, loss=loss.item(), bpp=bpp.item(), psnr=psnr, aux=aux_loss.item())
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            _save(adapter, main_opt, aux_opt, run_dir, config, step + 1)
-    return run_dir / "train_state.pt"
+    log.info("training %s %s λ=%s on %s from step %d", config.arch, config.hparams,
+             ",".join(f"{v:g}" for v in config.lambdas), device, start)
+    started = saved_at = time.monotonic()
+    step = start
+    with StopRequest() as stop:
+        while step < config.steps:
+            for group in main_opt.param_groups:
+                group["lr"] = step_learning_rate(step, config.steps, config.lr, config.lr_decay_at)
+            levels = torch.from_numpy(level_rng.integers(len(config.lambdas), size=config.batch_size)).to(device)
+            values = _train_step(adapter, main_opt, aux_opt, crops.batch(config.batch_size), lambdas, levels,
+                                 amp_dtype, config.clip_grad_norm)
+            progress.add(step, **values)
+            step += 1
+            now = time.monotonic()
+            out_of_time = config.max_minutes is not None and now - started >= 60 * config.max_minutes
+            if (step % config.checkpoint_every == 0 or step == config.steps or out_of_time or stop.requested
+                    or now - saved_at >= 60 * config.checkpoint_minutes):
+                _save(adapter, main_opt, aux_opt, run_dir, config, step)
+                saved_at = time.monotonic()
+            if out_of_time or stop.requested:
+                why = f"--max-minutes {config.max_minutes:g} reached" if out_of_time else "interrupted"
+                log.info("stopping at step %d of %d (%s): the state is saved; run again to resume",
+                         step, config.steps, why)
+                break
+    return run_dir
+
+
+def _train_step(adapter, main_opt, aux_opt, x, lambdas, levels, amp_dtype, clip_grad_norm: float) -> dict[str, float]:
+    """One optimizer step of each optimizer; returns the values the progress log averages."""
+    loss, bpp, mse = rate_distortion_loss(
+        adapter, x, lambdas[levels], levels if adapter.quality is not None else None, amp_dtype)
+    main_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(adapter.modules().parameters(), clip_grad_norm)
+    main_opt.step()
+    aux_loss = adapter.model.aux_loss()
+    aux_opt.zero_grad(set_to_none=True)
+    aux_loss.backward()
+    aux_opt.step()
+    psnr = -10 * math.log10(max(mse.item(), 1e-10))
+    return {"loss": loss.item(), "bpp": bpp.item(), "psnr": psnr, "aux": aux_loss.item()}
 
 
 def _restore(adapter, main_opt, aux_opt, run_dir: Path, config: CodecTrainConfig) -> int:
     state = load_state(run_dir)
     if state is not None:
         adapter.model.load_state_dict(state["model"])
+        if adapter.quality is not None:
+            adapter.quality.log_steps.data.copy_(state["quality_log_steps"])
         main_opt.load_state_dict(state["optimizer"])
         aux_opt.load_state_dict(state["aux_optimizer"])
         log.info("resuming %s at step %d", run_dir, state["step"])
         return int(state["step"])
     if config.init_from:
-        adapter.model.load_state_dict(_initial_weights(config.init_from))
+        weights = initial_weights(config.init_from)
+        adapter.model.load_state_dict(weights.model)
+        if adapter.quality is not None and weights.log_steps is not None:
+            if not np.array_equal(np.float32(weights.lambdas), np.float32(config.lambdas)):  # as released
+                raise ConfigError(f"init_from: {config.init_from} has quality levels λ={weights.lambdas}, "
+                                  f"not {config.lambdas}; train with its lambdas to continue it")
+            adapter.quality.log_steps.data.copy_(weights.log_steps)
         log.info("initialised from %s", config.init_from)
     return 0
 
 
-def _initial_weights(path: str) -> dict:
-    """The weights of another run's train_state.pt or of a released checkpoint (model.pt)."""
-    init = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if key in init:
-            return init[key]
+@dataclass(frozen=True)
+class InitialWeights:
+    """What ``init_from`` provides: the CompressAI weights, and the λ levels and steps when it has them."""
+
+    model: dict[str, torch.Tensor]
+    lambdas: tuple[float, ...]
+    log_steps: torch.Tensor | None
+
+
+def initial_weights(path: str) -> InitialWeights:
+    """The weights of another run's training state or of a released checkpoint (model.pt)."""
+    init = load_state(Path(path)) if Path(path).is_dir() else torch.load(path, map_location="cpu",
+                                                                          weights_only=True)
+    if init is None or not isinstance(init, dict):
+        raise ConfigError(f"init_from: {path} is neither a training state nor a released checkpoint")
+    if "model" in init:  # a training state
+        return InitialWeights(init["model"], tuple(init.get("lambdas", ())), init.get("quality_log_steps"))
+    if "state_dict" in init:  # a released checkpoint: float32 again, steps back to their logarithms
+        model = {k: v.float() if v.is_floating_point() else v for k, v in init["state_dict"].items()}
+        quality = init.get("quality")
+        if quality is None:
+            return InitialWeights(model, (init["rate"]["lambda"],), None)
+        return InitialWeights(model, tuple(quality["lambdas"]), init["quality_steps"].double().log().float())
     raise ConfigError(f"init_from: {path} is neither a training state nor a released checkpoint")
+
+
+def adapter_from_state(state: dict) -> HyperpriorAdapter:
+    """The trained model a training state holds (variable-rate when it has several λ)."""
+    adapter = build_adapter(state["arch"], state["hparams"], tuple(state["lambdas"]))
+    adapter.model.load_state_dict(state["model"])
+    if adapter.quality is not None:
+        adapter.quality.log_steps.data.copy_(state["quality_log_steps"])
+    return adapter
+
+
+def _reference_lambda(config: CodecTrainConfig) -> float | None:
+    """The λ the initial weights were trained at (steps start at 1 there); None for a new model."""
+    if not config.init_from or len(config.lambdas) < 2:
+        return None
+    lambdas = initial_weights(config.init_from).lambdas
+    return float(np.exp(np.mean(np.log(lambdas)))) if lambdas else None
 
 
 def _save(adapter, main_opt, aux_opt, run_dir: Path, config: CodecTrainConfig, step: int) -> None:
@@ -165,13 +253,15 @@ def _save(adapter, main_opt, aux_opt, run_dir: Path, config: CodecTrainConfig, s
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         "arch": config.arch,
         "hparams": dict(config.hparams),
-        "lmbda": config.lmbda,
+        "lambdas": list(config.lambdas),
         "step": step,
         "model": {k: v.detach().cpu() for k, v in adapter.model.state_dict().items()},
         "optimizer": main_opt.state_dict(),
         "aux_optimizer": aux_opt.state_dict(),
     }
-    path = save_state(run_dir, state)
+    if adapter.quality is not None:
+        state["quality_log_steps"] = adapter.quality.log_steps.detach().cpu().clone()
+    path = save_state(run_dir, state, config.part_mib)
     log.info("saved %s at step %d", path, step)
 
 

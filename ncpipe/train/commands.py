@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from ncpipe.config import ConfigError
-from ncpipe.models.cards import command_line
 from ncpipe.operations.jobspec import merge_overrides, spec_fields
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,9 @@ TRAIN_CODEC_FLAGS: dict[str, dict[str, Any]] = {
     "run_dir": dict(metavar="DIR", help="where the training state is saved; re-running resumes from it"),
     "arch": dict(help="architecture: mbt2018-mean or bmshj2018-hyperprior"),
     "hparams": dict(nargs="+", type=_key_int, metavar="KEY=INT", help="architecture sizes, e.g. N=96 M=128"),
-    "lmbda": dict(type=float, metavar="λ", help="rate-distortion trade-off: loss λ·255²·MSE + bpp"),
+    "lambdas": dict(type=float, nargs="+", metavar="λ", help="rate-distortion trade-off(s): loss λ·255²·MSE + bpp; "
+                    "one λ trains a fixed-rate model, several (increasing) a variable-rate model whose quality "
+                    "levels 1..n are these λ"),
     "steps": dict(type=int, help="total optimizer steps (resume continues to this count)"),
     "batch_size": dict(type=int, help="crops per step"),
     "crop": dict(type=int, metavar="PX", help="square crop size; smaller images are skipped"),
@@ -63,13 +64,18 @@ TRAIN_CODEC_FLAGS: dict[str, dict[str, Any]] = {
     "lr_decay_at": dict(type=float, metavar="FRACTION", help="the lr drops x0.1 after this fraction of the steps"),
     "clip_grad_norm": dict(type=float, help="gradient norm clip of the main optimizer"),
     "checkpoint_every": dict(type=int, metavar="STEPS", help="save the training state every this many steps"),
+    "checkpoint_minutes": dict(type=float, metavar="MIN", help="... and at least every this many minutes"),
+    "max_minutes": dict(type=float, metavar="MIN", help="stop after this much training time, saving the state "
+                        "(run again to resume)"),
+    "part_mib": dict(type=int, metavar="MIB", help="write the training state as parts of at most this many MiB"),
     "log_every": dict(type=int, metavar="STEPS", help="log mean loss/bpp/PSNR/aux every this many steps"),
     "seed": dict(type=int, help="seed of the weights' initialisation and of the crops"),
     "device": dict(help="auto (GPU when present), cpu or cuda[:N]"),
     "amp": dict(action=argparse.BooleanOptionalAction, help="bfloat16 mixed precision for the transforms (GPU only)"),
     "threads": dict(type=int, help="torch CPU threads (0: torch's default)"),
     "init_from": dict(metavar="CHECKPOINT",
-                      help="start from the weights of another run's train_state.pt or a released model.pt"),
+                      help="start a new run from the weights of another run (its run_dir or train_state.pt) or of "
+                      "a released model (models/NAME/model.pt)"),
 }
 
 
@@ -85,7 +91,7 @@ def _add_train_codec(sub) -> None:
     p.add_argument("--spec", metavar="FILE.yaml",
                    help=f"a kind: {TRAIN_CODEC_KIND} spec file (e.g. jobs/train-codec.yaml)")
     for name, options in TRAIN_CODEC_FLAGS.items():
-        flags = ["--" + name.replace("_", "-")] + (["--lambda"] if name == "lmbda" else [])
+        flags = ["--" + name.replace("_", "-")] + (["--lambda"] if name == "lambdas" else [])
         p.add_argument(*flags, dest=name, default=argparse.SUPPRESS, **options)
     p.set_defaults(handler=_train_codec)
 
@@ -112,8 +118,13 @@ def _train_codec(args: argparse.Namespace) -> int:
         print(f"{config.run_dir} is already at step {start} of {config.steps}: nothing to train")
         return 0
     path = train_codec(config)
-    print(f"trained {config.arch} {config.hparams} λ={config.lmbda:g} to step {config.steps}: {path}\n"
-          f"release it with: ncpipe train release {shlex.quote(config.run_dir)} --name NAME")
+    from ncpipe.train.loop import load_state
+
+    step = load_state(path)["step"]
+    lambdas = ",".join(f"{v:g}" for v in config.lambdas)
+    print(f"trained {config.arch} {config.hparams} λ={lambdas} to step {step} of {config.steps}: {path}\n"
+          + ("run the same command again to continue; " if step < config.steps else "")
+          + f"release it with: ncpipe train release {shlex.quote(config.run_dir)} --name NAME")
     return 0
 
 
@@ -127,10 +138,12 @@ def _add_release(sub) -> None:
         "its SHA-256), measures it on --eval-images with real bitstreams and writes card.json + README.md. "
         "The card records this command line.",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a `train codec` run_dir (holding train_state.pt)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a `train codec` run_dir (holding its training state)")
     _add_registry_options(p)
     p.add_argument("--eval-images", metavar="DIR", help="images measured for the card (default: "
-                   "../shared/data/kodak from the repository root)")
+                   "$NCPIPE_EVAL_IMAGES); required")
+    p.add_argument("--default-quality", type=int, metavar="Q", help="a variable-rate model's default quality "
+                   "level (default: the middle one)")
     p.add_argument("--dataset", help="name of the measured set in the card (default: the folder's name)")
     p.add_argument("--series", help="RD series the model belongs to in `ncpipe evaluate` (default: its architecture)")
     p.add_argument("--hardware", help="what it was trained on, for the card (e.g. '1x H100')")
@@ -162,29 +175,34 @@ def _registry_folder(models_dir: str, name: str, overwrite: bool) -> Path:
 
 
 def _release(args: argparse.Namespace) -> int:
-    from ncpipe.evaluation.run import DEFAULT_IMAGES, dataset_label
-    from ncpipe.models.cards import write_card
+    from ncpipe.evaluation.run import dataset_label, default_images
+    from ncpipe.models.cards import command_line, write_card
     from ncpipe.models.release import release_run
     from ncpipe.train.data import list_image_files
 
+    from ncpipe.train.loop import has_state
+
     run_dir = Path(args.run_dir)
-    if not (run_dir / "train_state.pt").is_file():
-        raise FileNotFoundError(f"{run_dir} holds no train_state.pt: is it a `ncpipe train codec` run_dir?")
+    if not has_state(run_dir):
+        raise FileNotFoundError(f"{run_dir} holds no training state: is it a `ncpipe train codec` run_dir?")
     directory = _registry_folder(args.models_dir, args.name, args.overwrite)
-    images_dir = Path(args.eval_images) if args.eval_images else DEFAULT_IMAGES
-    if not images_dir.is_dir():
-        raise FileNotFoundError(f"evaluation images {images_dir} do not exist; pass --eval-images DIR")
+    images_dir = Path(args.eval_images) if args.eval_images else default_images()
+    if images_dir is None or not images_dir.is_dir():
+        raise ConfigError(f"evaluation images {images_dir or '(none given)'} do not exist: pass --eval-images DIR "
+                          "(or set NCPIPE_EVAL_IMAGES)")
     images = list_image_files([str(images_dir)])
     command = command_line(["train", "release", args.run_dir], [
         ("--name", args.name), ("--eval-images", args.eval_images), ("--dataset", args.dataset),
         ("--models-dir", args.models_dir), ("--summary", args.summary), ("--series", args.series),
-        ("--hardware", args.hardware), ("--wall-hours", args.wall_hours), ("--overwrite", args.overwrite),
+        ("--hardware", args.hardware), ("--wall-hours", args.wall_hours), ("--default-quality", args.default_quality),
+        ("--overwrite", args.overwrite),
     ])
     facts = {k: v for k, v in (("hardware", args.hardware), ("wall_hours", args.wall_hours)) if v is not None}
     card = release_run(
         run_dir=run_dir, models_dir=Path(args.models_dir), name=args.name, eval_images=images,
         dataset=dataset_label(args.dataset or images_dir.name, len(images)), command=command,
         summary=args.summary or f"Trained with `ncpipe train codec` ({run_dir.name}).", training_facts=facts,
+        default_quality=args.default_quality,
     )
     if args.series:
         write_card(directory, {**card, "series": args.series})
@@ -210,6 +228,7 @@ def _add_release_decoder(sub) -> None:
 
 
 def _release_decoder(args: argparse.Namespace) -> int:
+    from ncpipe.models.cards import command_line
     from ncpipe.models.release import release_decoder
 
     results = Path(args.results) if args.results else None
@@ -254,7 +273,7 @@ def _add_import_zoo(sub) -> None:
 def _import_zoo(args: argparse.Namespace) -> int:
     from ncpipe.evaluation.learned import load_image_set
     from ncpipe.evaluation.run import card_evaluation, dataset_label, evaluate_checkpoint
-    from ncpipe.models.cards import write_card
+    from ncpipe.models.cards import command_line, write_card
     from ncpipe.models.checkpoint import file_sha256, save_checkpoint
     from ncpipe.models.registry import CHECKPOINT_NAME, ModelRef
     from ncpipe.train.data import list_image_files

@@ -137,20 +137,23 @@ def load_training_images(roots: Iterable[str], min_side: int) -> list[np.ndarray
 
 
 class RandomCrops:
-    """Random square crops with horizontal flips, drawn from a seeded generator."""
+    """Random square crops with horizontal flips, drawn from a seeded generator.
 
-    def __init__(self, images: list[np.ndarray], crop: int, seed: int):
-        self.images = images
+    The decoded images are moved to ``device`` once (as uint8, CHW) and cropped there, so a
+    GPU step never waits on host-to-device copies of pixels."""
+
+    def __init__(self, images: list[np.ndarray], crop: int, seed: int, device: torch.device | str = "cpu"):
+        self.images = [torch.tensor(im).permute(2, 0, 1).to(device) for im in images]
         self.crop = crop
         self.rng = np.random.default_rng(seed)
 
     def batch(self, size: int) -> torch.Tensor:
-        """(size, 3, crop, crop) float32 in [0, 1]."""
-        crops = np.empty((size, self.crop, self.crop, 3), dtype=np.uint8)
-        for i in range(size):
+        """(size, 3, crop, crop) float32 in [0, 1], on the images' device."""
+        crops = []
+        for _ in range(size):
             image = self.images[self.rng.integers(len(self.images))]
-            top = self.rng.integers(image.shape[0] - self.crop + 1)
-            left = self.rng.integers(image.shape[1] - self.crop + 1)
-            crop = image[top : top + self.crop, left : left + self.crop]
-            crops[i] = crop[:, ::-1] if self.rng.random() < 0.5 else crop
-        return torch.from_numpy(crops).permute(0, 3, 1, 2).float().div_(255.0)
+            top = int(self.rng.integers(image.shape[1] - self.crop + 1))
+            left = int(self.rng.integers(image.shape[2] - self.crop + 1))
+            crop = image[:, top : top + self.crop, left : left + self.crop]
+            crops.append(crop.flip(2) if self.rng.random() < 0.5 else crop)
+        return torch.stack(crops).float().div_(255.0)

@@ -1,9 +1,20 @@
-"""Pieces every ncpipe training job shares: device choice, schedules, resumable state, logging."""
+"""Pieces every ncpipe training job shares: device choice, schedules, resumable state, logging.
+
+The training state is one file, ``train_state.pt``, or, where files must stay small (a GPU
+machine hands back files of at most 16 MiB), parts ``train_state.pt.000``, ``.001``, ...
+listed with their SHA-256 in ``train_state.parts.json``, which is written last: a state is
+complete exactly when its index is there and every part matches it.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
+PARTS_INDEX = "train_state.parts.json"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -36,21 +48,85 @@ def step_learning_rate(step: int, total_steps: int, base_lr: float, decay_at: fl
     return base_lr * (0.1 if step >= decay_at * total_steps else 1.0)
 
 
-def save_state(run_dir: Path, state: dict[str, Any]) -> Path:
-    """Write the training state atomically, so a kill never leaves a torn file."""
+def save_state(run_dir: Path, state: dict[str, Any], part_mib: int | None = None) -> Path:
+    """Write the training state atomically (one file, or parts of at most ``part_mib`` MiB),
+    so a kill never leaves a torn state; returns the file a loader reads first."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / STATE_FILE
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    old_parts = sorted(run_dir.glob(STATE_FILE + ".[0-9][0-9][0-9]"))
+    if part_mib is None:
+        written = _write_atomic(run_dir / STATE_FILE, data)
+        for stale in [run_dir / PARTS_INDEX, *old_parts]:
+            stale.unlink(missing_ok=True)
+        return written
+    size = part_mib << 20
+    parts = [data[i : i + size] for i in range(0, len(data), size)]
+    (run_dir / PARTS_INDEX).unlink(missing_ok=True)  # the old index goes first: its parts are being replaced
+    for stale in old_parts[len(parts):]:
+        stale.unlink()
+    for number, part in enumerate(parts):
+        _write_atomic(run_dir / f"{STATE_FILE}.{number:03d}", part)
+    index = {"bytes": len(data), "parts": [hashlib.sha256(p).hexdigest() for p in parts]}
+    written = _write_atomic(run_dir / PARTS_INDEX, json.dumps(index).encode())
+    (run_dir / STATE_FILE).unlink(missing_ok=True)
+    return written
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
 
 
 def load_state(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / STATE_FILE
-    if not path.exists():
+    """The saved training state (whole or in parts), or None when ``run_dir`` holds none."""
+    path, index = run_dir / STATE_FILE, run_dir / PARTS_INDEX
+    newest = max((p for p in (path, index) if p.exists()), key=lambda p: p.stat().st_mtime_ns, default=None)
+    if newest is None:
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if newest == path:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    expected = json.loads(index.read_text())
+    data = b""
+    for number, digest in enumerate(expected["parts"]):
+        part = (run_dir / f"{STATE_FILE}.{number:03d}").read_bytes()
+        if hashlib.sha256(part).hexdigest() != digest:
+            raise ValueError(f"{run_dir}: training state part {number} does not match {PARTS_INDEX}")
+        data += part
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def has_state(run_dir: Path) -> bool:
+    return (run_dir / STATE_FILE).exists() or (run_dir / PARTS_INDEX).exists()
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM during training asks for a stop at the end of the current step (so the saved
+    state is a whole step's, never torn); a second Ctrl-C interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stop requested: finishing this step and saving the state (Ctrl-C again to abort)")
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
 
 @dataclass
@@ -72,5 +148,7 @@ class ProgressLog:
         if (step + 1) % self.every == 0 or step + 1 == self.total_steps:
             rate = self._count / max(time.perf_counter() - self._started, 1e-9)
             means = " ".join(f"{k}={v / self._count:.4g}" for k, v in self._sums.items())
-            log.info("step %d/%d %s (%.2f steps/s)", step + 1, self.total_steps, means, rate)
+            eta = (self.total_steps - step - 1) / rate
+            log.info("step %d/%d %s (%.2f steps/s, ETA %s)", step + 1, self.total_steps, means, rate,
+                     time.strftime("%H:%M:%S", time.gmtime(eta)))
             self._sums, self._count = None, 0

@@ -154,3 +154,37 @@ def test_damaged_or_unknown_extensions_are_refused():
         fmt.parse(bytes(damaged))
     with pytest.raises(fmt.BitstreamError, match="cannot be written"):
         fmt.pack(fmt.Bitstream(_header(), b"z", (b"y",) * 3, (fmt.Extension(99, b""),)))
+
+
+# -- version 3: a variable-rate model's bitstream names its quality level ----------------------
+
+
+def test_a_quality_makes_a_version_3_bitstream_that_round_trips():
+    header = _header(quality=5)
+    data = _packed(header)
+    assert data[4] == 3
+    parsed = fmt.parse(data)
+    assert parsed.header.quality == 5 and parsed.header.version == 3 and parsed.extensions == ()
+    assert dataclasses.replace(parsed.header, rate=header.rate, version=1) == header
+    assert parsed.header.size == fmt.HEADER_SIZE + 1
+
+
+def test_version_3_carries_extensions_too():
+    extension = fmt.Extension(fmt.EXTENSION_CORRDIFF, b"x" * 40)
+    header = _header(quality=2)
+    y = tuple(b"y" for _ in range(header.num_y_chunks))
+    parsed = fmt.parse(fmt.pack(fmt.Bitstream(header, b"z", y, (extension,))))
+    assert parsed.header.quality == 2 and parsed.extensions == (extension,)
+
+
+def test_fixed_rate_bitstreams_keep_versions_1_and_2():
+    assert _packed()[4] == 1 and fmt.parse(_packed()).header.quality == 0
+
+
+def test_version_3_without_a_quality_is_refused():
+    data = bytearray(_packed(_header(quality=1)))
+    fixed_size = fmt.HEADER_SIZE - 4 + 1
+    data[fixed_size - 1] = 0  # the quality byte, CRC fixed so the field's own check is reached
+    data[fixed_size : fixed_size + 4] = struct.pack("<I", zlib.crc32(bytes(data[:fixed_size])))
+    with pytest.raises(fmt.BitstreamError, match="must name a quality"):
+        fmt.parse(bytes(data))

@@ -83,6 +83,9 @@ def test_results_hold_every_image_codec_and_rate_point(evaluated, workspace):
     assert len(rows) == expected
     assert pacsv.read_csv(evaluated / "results.csv").num_rows == expected
     assert {r["codec"] for r in rows} == {"tiny", *AVAILABLE}
+    # A fixed-rate model is one rate point, named by its λ; baselines name their own quality in rate_point.
+    assert {(r["rate_point"], r["quality"]) for r in rows if r["codec"] == "tiny"} == {("λ=0.01", 0)}
+    assert all(r["quality"] == 0 for r in rows)
     for row in rows:
         assert row["bpp"] == pytest.approx(8 * row["num_bytes"] / (row["width"] * row["height"]))
         assert row["psnr"] > 5 and 0 < row["ms_ssim"] <= 1 and row["encode_seconds"] > 0
@@ -128,6 +131,19 @@ def test_bd_table_against_a_measured_baseline_curve(evaluated):
         assert entries[metric].bd_quality > 0
 
 
+def test_bd_table_compares_learned_series_with_each_other(evaluated):
+    """A new model's series that needs 10% fewer bits than an older series scores -10% against it (and not
+    against itself); baselines stay anchors of both."""
+    summary = [SummaryRow(**row) for row in pacsv.read_csv(evaluated / "summary.csv").to_pylist()]
+    jpeg = [r for r in summary if r.codec == "jpeg"]
+    old = [dataclasses.replace(r, kind="learned", series="old", codec=f"o{i}") for i, r in enumerate(jpeg)]
+    new = [dataclasses.replace(r, series="new", codec=f"n{i}", bpp=0.9 * r.bpp) for i, r in enumerate(old)]
+    entries = {(e.series, e.baseline, e.metric): e for e in bd_table([*jpeg, *old, *new])}
+    assert entries[("new", "old", "psnr")].bd_rate_percent == pytest.approx(-10.0, abs=1e-9)
+    assert entries[("old", "new", "psnr")].bd_rate_percent > 0
+    assert {(s, b) for s, b, _ in entries} == {("old", "jpeg"), ("new", "jpeg"), ("new", "old"), ("old", "new")}
+
+
 def test_update_cards_writes_the_measured_means(evaluated, workspace):
     card = json.loads(workspace["card"].read_text())
     assert card["evaluations"][0] == OTHER_ENTRY  # another image set's entry is kept
@@ -136,6 +152,7 @@ def test_update_cards_writes_the_measured_means(evaluated, workspace):
     for key in ("bpp", "psnr", "ms_ssim", "encode_seconds", "decode_seconds"):
         assert entry[key] == pytest.approx(summary[key], rel=1e-12), key
     assert entry["images"] == 2 and entry["device"] == "cpu" and entry["command"].startswith("ncpipe evaluate")
+    assert "qualities" not in entry and "default_quality" not in entry  # a fixed-rate entry is as before
     readme = (workspace["card"].parent / "README.md").read_text()
     assert "## Measured: crops (2 images)" in readme and f"bpp {entry['bpp']:.4f}" in readme
 
@@ -168,18 +185,22 @@ def test_a_missing_baseline_is_named_before_any_work(workspace, tmp_path, monkey
 
 
 def test_missing_images_and_unknown_models_are_named(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(run, "DEFAULT_IMAGES", tmp_path / "no-kodak")
+    monkeypatch.delenv(run.IMAGES_ENV, raising=False)
     assert main(["evaluate", "--no-baselines", "--output", str(tmp_path / "out")]) == 2
-    assert f"image folder {tmp_path / 'no-kodak'} (the default: Kodak beside the repository) does not exist" in caplog.text
+    assert "images: no image folder given; pass --images DIR or set NCPIPE_EVAL_IMAGES" in caplog.text
+    monkeypatch.setenv(run.IMAGES_ENV, str(tmp_path / "no-kodak"))
+    assert main(["evaluate", "--no-baselines", "--output", str(tmp_path / "out")]) == 2
+    assert f"image folder {tmp_path / 'no-kodak'} (from NCPIPE_EVAL_IMAGES) does not exist" in caplog.text
     (tmp_path / "imgs").mkdir()
     Image.fromarray(kodak_pixels(1, (64, 64))).save(tmp_path / "imgs" / "a.png")
     assert main(["evaluate", "--images", str(tmp_path / "imgs"), "--models", "no-such-model", "--no-baselines"]) == 2
     assert "no model named or at 'no-such-model'" in caplog.text
+    assert not (tmp_path / "out").exists()
 
 
 def test_spec_file_and_flag_overrides(tmp_path):
     config = evaluate_config_from(["--spec", str(REPO_ROOT / "jobs" / "evaluate-kodak.yaml")])
-    assert config.images == "../shared/data/kodak" and config.models == () and config.update_cards is True
+    assert config.images is None and config.models == () and config.update_cards is True
     assert config.baselines == baselines.BASELINE_NAMES
     config = evaluate_config_from(["--spec", str(REPO_ROOT / "jobs" / "evaluate-kodak.yaml"), "--no-update-cards",
                                    "--no-baselines", "--max-images", "2", "--models", "a", "b"])

@@ -15,7 +15,6 @@ from PIL import Image
 from ncpipe.cli import main
 from ncpipe.codec import LearnedCodec
 from ncpipe.config import DEFAULT_MODEL
-from ncpipe.models.architectures import build_adapter
 from ncpipe.models.checkpoint import (
     CheckpointError,
     CodecModel,
@@ -26,11 +25,12 @@ from ncpipe.models.checkpoint import (
 )
 from ncpipe.models.registry import list_models, load_model, resolve_model
 from ncpipe.models.zoo import ZOO_MSE_LAMBDAS
+from ncpipe.train.codec_trainer import adapter_from_state
 from ncpipe.train.loop import load_state
 from tests.factories import BSDS, kodak_pixels
 
 TINY_TRAIN = ["--hparams", "N=16", "M=24", "--batch-size", "2", "--crop", "64", "--lr", "1e-3", "--device", "cpu",
-              "--steps", "3", "--lmbda", "0.01"]
+              "--steps", "3", "--lambda", "0.01"]
 
 
 @pytest.fixture(autouse=True)
@@ -86,9 +86,7 @@ def test_release_writes_checkpoint_and_measured_card(released):
 
 def test_round_trip_gives_identical_digest_and_bitstreams(released, registry):
     state = load_state(released["run"])
-    adapter = build_adapter(state["arch"], state["hparams"])
-    adapter.model.load_state_dict(state["model"])
-    in_memory = release_checkpoint(adapter, state["lmbda"], {})
+    in_memory = release_checkpoint(adapter_from_state(state), state["lambdas"], {})
     original = CodecModel(in_memory, model_digest(in_memory))
     loaded = load_model("tiny")
     assert loaded.identity == original.identity
@@ -225,12 +223,15 @@ def test_zoo_import_never_downloads_and_names_where_it_looked(tmp_path, monkeypa
     assert "never downloads" in caplog.text
 
 
-def test_the_default_model_is_the_shipped_codec_closest_to_its_published_anchor(monkeypatch):
-    """The README demo's default must be the best shipped codec: the smallest PSNR gap to CompressAI's
-    published mbt2018-mean curve at its own bpp, as measured on Kodak in its card."""
+def test_the_default_model_is_the_shipped_variable_rate_codec(monkeypatch):
+    """The README demo's default is a shipped variable-rate codec whose card holds a Kodak measurement of
+    every quality level, with bits and PSNR rising with the level (the knob does what it says)."""
     monkeypatch.delenv("NCPIPE_MODEL_DIRS", raising=False)
-    measured = {ref.name: ref.card["evaluations"][0]["anchor_gap"] for ref in list_models()}
-    assert len(measured) >= 4
-    # a model below the published curve's lowest rate has no gap to compare
-    gaps = {name: gap["psnr_gap_db"] for name, gap in measured.items() if gap}
-    assert DEFAULT_MODEL == max(gaps, key=gaps.get)
+    ref = resolve_model(DEFAULT_MODEL)
+    levels = ref.card["quality"]["lambdas"]
+    (kodak,) = [e for e in ref.card["evaluations"] if e["dataset"] == "kodak (24 images)"]
+    measured = kodak["qualities"]
+    assert [q["quality"] for q in measured] == list(range(1, len(levels) + 1)) and len(levels) >= 6
+    for low, high in zip(measured, measured[1:]):
+        assert low["bpp"] < high["bpp"] and low["psnr"] < high["psnr"]
+    assert kodak["default_quality"] == ref.card["quality"]["default"]

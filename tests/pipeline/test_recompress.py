@@ -11,7 +11,7 @@ from ncpipe.manifest import read_manifest
 from ncpipe.models.checkpoint import model_digest, read_checkpoint
 from ncpipe.pipeline import recompress
 from ncpipe.pipeline.jobs import run_compress, run_recompress
-from ncpipe.pipeline.recompress import RecompressPolicy, is_selected
+from ncpipe.pipeline.recompress import CodingTarget, RecompressPolicy, is_selected
 from tests.factories import encoded, kodak_pixels, train_tiny_codec
 from tests.helpers import tar_bytes
 
@@ -33,7 +33,7 @@ def archive(tmp_path_factory, tiny_model_path, ray_local):
     summary = run_compress(CompressConfig(inputs=(str(root / "originals"),), output=str(root / "archive"),
                                           model=str(tiny_model_path)))
     assert summary.complete
-    target = train_tiny_codec(root / "target", steps=3, lmbda=0.05)
+    target = train_tiny_codec(root / "target", steps=3, lambdas=(0.05,))
     return root, target
 
 
@@ -97,13 +97,30 @@ def test_transcoding_records_generation_loss_and_keeps_unselected(archive, tiny_
 
 def test_policy_conditions(monkeypatch):
     monkeypatch.setattr(recompress, "release_date", lambda sha: {"old": "2026-01-01 00:00 UTC"}.get(sha))
-    row = {"status": "ok", "model_sha256": "old", "psnr": 30.0, "bpp": 0.5}
-    assert is_selected(row, "new", RecompressPolicy(), None)
-    assert not is_selected({**row, "model_sha256": "new"}, "new", RecompressPolicy(), None)
-    assert not is_selected({**row, "status": "error"}, "new", RecompressPolicy(), None)
-    assert is_selected(row, "new", RecompressPolicy(min_psnr=31), None)
-    assert not is_selected(row, "new", RecompressPolicy(min_psnr=29, max_bpp=0.6), None)
-    assert is_selected(row, "new", RecompressPolicy(min_psnr=29, max_bpp=0.4), None)
-    assert is_selected(row, "new", RecompressPolicy(older_than_model="x"), "2026-06-01 00:00 UTC")
-    assert not is_selected(row, "new", RecompressPolicy(older_than_model="x"), "2025-06-01 00:00 UTC")
-    assert is_selected({**row, "model_sha256": "unknown"}, "new", RecompressPolicy(older_than_model="x"), "2025-06-01 00:00 UTC")
+    row = {"status": "ok", "model_sha256": "old", "quality": None, "psnr": 30.0, "bpp": 0.5}
+    new = CodingTarget("new")
+    assert is_selected(row, new, RecompressPolicy(), None)
+    assert not is_selected({**row, "model_sha256": "new"}, new, RecompressPolicy(), None)
+    assert not is_selected({**row, "status": "error"}, new, RecompressPolicy(), None)
+    assert is_selected(row, new, RecompressPolicy(min_psnr=31), None)
+    assert not is_selected(row, new, RecompressPolicy(min_psnr=29, max_bpp=0.6), None)
+    assert is_selected(row, new, RecompressPolicy(min_psnr=29, max_bpp=0.4), None)
+    assert is_selected(row, new, RecompressPolicy(older_than_model="x"), "2026-06-01 00:00 UTC")
+    assert not is_selected(row, new, RecompressPolicy(older_than_model="x"), "2025-06-01 00:00 UTC")
+    assert is_selected({**row, "model_sha256": "unknown"}, new, RecompressPolicy(older_than_model="x"), "2025-06-01 00:00 UTC")
+
+
+def test_quality_policy_and_target():
+    row = {"status": "ok", "model_sha256": "vbr", "quality": 3, "psnr": 30.0, "bpp": 0.5}
+    fixed_rate_row = {**row, "model_sha256": "fixed", "quality": None}
+    above_2 = RecompressPolicy(quality_above=2)
+    assert is_selected(row, CodingTarget("vbr", 1), above_2, None)
+    assert not is_selected({**row, "quality": 2}, CodingTarget("vbr", 1), above_2, None)
+    assert not is_selected(row, CodingTarget("vbr", 3), above_2, None)  # already coded by the target
+    assert not is_selected(fixed_rate_row, CodingTarget("vbr", 1), above_2, None)
+    # a row from before the quality column (null) was coded by a fixed-rate model, quality 0
+    assert not is_selected(fixed_rate_row, CodingTarget("fixed"), RecompressPolicy(), None)
+    assert is_selected(fixed_rate_row, CodingTarget("fixed", 1), RecompressPolicy(), None)
+    assert above_2.describe() == "quality > 2"
+    # fingerprints of policies without the condition stay as they were before it existed
+    assert "quality_above" not in RecompressPolicy(max_bpp=1.0).fingerprint_fields()
