@@ -40,6 +40,17 @@ def write_shards(paths: list[Path], directory: Path, shards: int) -> list[str]:
     return urls
 
 
+def classical_codecs(names) -> dict:
+    """The classical baselines by name, or none where their library (imagecodecs) is not installed
+    (a GPU machine that carries only what the codec needs): the rows are then left out, with a warning."""
+    try:
+        from ncpipe.evaluation.baselines import get_baselines
+    except ImportError as err:
+        print(f"classical baselines not measured: {err}")
+        return {}
+    return get_baselines(names)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -11,9 +11,10 @@ For every registry model over the images of a directory (a variable-rate model a
     configuration, and the decoded latents are compared bit for bit with the encoder's: the
     symbols z and y, the scale-table indexes, and ŷ = Δ·y + μ. Target: 100 % identical.
     ``--save-bitstreams DIR`` / ``--check-bitstreams DIR`` do the same across machines.
-(2) Rate cost (fixed-rate models: CompressAI's ``compress()`` has no quantization steps). bpp of ncpipe's bitstreams against CompressAI's own float ``compress()`` with the
-    same model and padded input (CompressAI: its strings' bytes only; ncpipe: the coded streams,
-    and separately its container overhead), plus CompressAI's float entropy parameters coded
+(2) Rate cost (fixed-rate models: CompressAI's ``compress()`` has no quantization steps). bpp
+    of ncpipe's bitstreams against CompressAI's own float ``compress()`` with the same model and
+    padded input (CompressAI: its strings' bytes only; ncpipe: the coded streams, and separately
+    its container overhead), plus CompressAI's float entropy parameters coded
     with ncpipe's rANS, which splits the difference into "integer h_s" and "coder".
 (3) What the integer path removes. The float path's entropy parameters are recomputed under
     perturbations representative of cross-device float differences (h_s in float64; with TF32

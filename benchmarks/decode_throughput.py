@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import by_shape, load_images, machine, now, sync, write_shards
+from benchmarks.common import by_shape, classical_codecs, load_images, machine, now, sync, write_shards
 from benchmarks.throughput import CLASSICAL_QUALITY
 from ncpipe.codec import LearnedCodec, stack_padded
 from ncpipe.config import ClusterConfig, CompressConfig, DecompressConfig
-from ncpipe.evaluation.baselines import get_baselines
 from ncpipe.models.registry import load_model
 from ncpipe.pipeline.jobs import run_compress, run_decompress
 from ncpipe.train.loop import resolve_device
@@ -69,7 +68,7 @@ def compressai_decode_loop(codec: LearnedCodec, images, repeat: int) -> float:
 def classical_decode(images, names, threads: int) -> dict[str, float]:
     rates = {}
     with ThreadPoolExecutor(threads) as pool:
-        for name, codec in get_baselines(names).items():
+        for name, codec in classical_codecs(names).items():
             data = [codec.encode(im, CLASSICAL_QUALITY[name]) for im in images]
             list(pool.map(codec.decode, data[:threads]))
             started = time.perf_counter()

@@ -63,7 +63,8 @@ def main() -> None:
     rows, half_results, full_results = [], measure(half, images), measure(full, images)
     print(f"{len(images)} images of {args.images}; checkpoint {half_bytes / 2**20:.1f} MiB (float16 transforms) "
           f"vs {full_bytes / 2**20:.1f} MiB (float32)")
-    print(f"{'quality':>7s} {'bpp f32':>8s} {'bpp f16':>8s} {'Δbpp %':>7s} {'PSNR f32':>9s} {'PSNR f16':>9s} {'ΔPSNR':>7s}")
+    print(f"{'quality':>7s} {'bpp f32':>8s} {'bpp f16':>8s} {'Δbpp %':>7s} {'PSNR f32':>9s} {'PSNR f16':>9s} "
+          f"{'ΔPSNR':>7s}")
     for quality in half_results:
         h, f = half_results[quality], full_results[quality]
         row = {"quality": quality, "float32": f, "float16": h, "bpp_change_percent": 100 * (h["bpp"] / f["bpp"] - 1),

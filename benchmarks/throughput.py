@@ -27,10 +27,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import by_shape, load_images, machine, now, sync, write_shards
+from benchmarks.common import by_shape, classical_codecs, load_images, machine, now, sync, write_shards
 from ncpipe.codec import stack_padded
 from ncpipe.config import ClusterConfig, CompressConfig
-from ncpipe.evaluation.baselines import get_baselines
 from ncpipe.models.registry import load_model
 from ncpipe.pipeline.jobs import run_compress
 from ncpipe.train.loop import resolve_device
@@ -78,7 +77,7 @@ def classical(images, names, threads: int) -> dict[str, float]:
     """Images/s of each classical encoder, ``threads`` images encoded at a time."""
     rates = {}
     with ThreadPoolExecutor(threads) as pool:
-        for name, codec in get_baselines(names).items():
+        for name, codec in classical_codecs(names).items():
             encode = partial(codec.encode, quality=CLASSICAL_QUALITY[name])
             list(pool.map(encode, images[:threads]))  # warm-up
             started = time.perf_counter()

@@ -179,7 +179,6 @@ def _release(args: argparse.Namespace) -> int:
     from ncpipe.models.cards import command_line, write_card
     from ncpipe.models.release import release_run
     from ncpipe.train.data import list_image_files
-
     from ncpipe.train.loop import has_state
 
     run_dir = Path(args.run_dir)
