@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
-from ncpipe.config import ClusterConfig
+from ncpipe.config import ClusterConfig, ConfigError
 from ncpipe.io.urls import redact
 from ncpipe.pipeline.actors import WorkerResources
 
@@ -79,16 +79,51 @@ def _loopback_only():
         ray_constants.ENABLE_RAY_CLUSTER = saved[1]
 
 
-def plan_workers(cluster: ClusterConfig) -> tuple[int, WorkerResources]:
-    """How many codec actors, and what each asks for, on the connected cluster."""
+def plan_workers(cluster: ClusterConfig, device: str = "auto") -> tuple[int, WorkerResources]:
+    """How many codec actors, and what each asks for, on the connected cluster; a ConfigError
+    when the cluster cannot hold them all."""
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 1.0), int(resources.get("GPU", 0))
+    count, per_worker = _size_workers(cluster, cpus, gpus)
+    check_fits(count, per_worker, cpus, gpus, device)
+    return count, per_worker
+
+
+def _size_workers(cluster: ClusterConfig, cpus: float, gpus: int) -> tuple[int, WorkerResources]:
     if gpus:
         count = cluster.workers or gpus
         per_cpu = cluster.cpus_per_worker or max(1.0, (cpus - 1) // count)
         return count, WorkerResources(num_cpus=per_cpu, num_gpus=min(1.0, gpus / count))
     count = cluster.workers or 1
     return count, WorkerResources(num_cpus=cluster.cpus_per_worker or max(1.0, cpus // count), num_gpus=0.0)
+
+
+_SLACK = 1e-6  # float sums of fractional requests (3 x 0.1 CPU) must not fail on rounding
+
+
+def check_fits(count: int, per_worker: WorkerResources, cpus: float, gpus: float, device: str) -> None:
+    """Refuse a plan the cluster cannot run all at once: Ray queues an actor it cannot place,
+    and the shard handed to that actor then waits forever instead of failing."""
+    if device.startswith("cuda") and not gpus:
+        raise ConfigError(f"device {device!r} needs a GPU, the cluster has none: pass --device cpu (or auto)")
+    _check_one(count, per_worker.num_cpus, cpus, "CPU", f"pass --cpus-per-worker {cpus:g} or less")
+    _check_one(count, per_worker.num_gpus, gpus, "GPU", "run on a cluster with GPUs")
+
+
+def _check_one(count: int, each: float, available: float, unit: str, fix_if_none_fit: str) -> None:
+    needed = count * each
+    if needed <= available + _SLACK:
+        return
+    fit = int((available + _SLACK) // each)
+    fix = f"pass --workers {fit} (or fewer {unit}s per worker)" if fit else fix_if_none_fit
+    raise ConfigError(
+        f"{_count(count, 'worker')} × {_count(each, unit)} need {_count(needed, unit)}, "
+        f"the cluster has {available:g}: {fix}"
+    )
+
+
+def _count(number: float, noun: str) -> str:
+    return f"{number:g} {noun}{'' if number == 1 else 's'}"
 
 
 @dataclass(frozen=True)

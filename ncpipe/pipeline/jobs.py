@@ -217,7 +217,7 @@ def run_tasks(cluster: ClusterConfig, tasks: list, actor_class, config, label: s
     if not tasks:
         return PoolOutcome([], [])
     connect(cluster)
-    count, resources = plan_workers(cluster)
+    count, resources = plan_workers(cluster, config.device)
     progress = ProgressLog(len(tasks), label)
     log.info("%s: %d worker(s), each %g CPU / %g GPU", label, min(count, len(tasks)),
              resources.num_cpus, resources.num_gpus)
@@ -485,7 +485,7 @@ def run_recompress(config: RecompressConfig) -> RecompressSummary:
     if not chosen or config.dry_run:
         return RecompressSummary(
             **base, generation=None, dry_run=config.dry_run, from_originals=0, transcoded=0, kept=0,
-            bytes_after=_projected_bytes(config.model, chosen) if chosen else None,
+            bytes_after=_projected_bytes(config.model, target.quality, chosen) if chosen else None,
             mean_generation_loss_db=None, switched=False, wall_seconds=time.perf_counter() - started,
         )
     fingerprint = hashlib.sha256(json.dumps(
@@ -540,11 +540,13 @@ def _unfinished_other(generation: GenerationLayout, fingerprint: str) -> bool:
     return json.loads(read_bytes(generation.job_file)).get("fingerprint") != fingerprint
 
 
-def _projected_bytes(model: str, rows: list[dict]) -> int | None:
-    """Bytes the selected samples would take at the target model's measured (card) bpp."""
+def _projected_bytes(model: str, quality: int, rows: list[dict]) -> int | None:
+    """Bytes the selected samples would take at the target model's measured (card) bpp: its first
+    measurement, at ``quality`` for a variable-rate model."""
     card = resolve_model(model).card or {}
     evaluations = card.get("evaluations") or []
     if not evaluations:
         return None
-    bpp = evaluations[0]["bpp"]
+    levels = {q["quality"]: q["bpp"] for q in evaluations[0].get("qualities") or ()}
+    bpp = levels.get(quality, evaluations[0]["bpp"])
     return int(sum(r["width"] * r["height"] * bpp / 8 for r in rows))
