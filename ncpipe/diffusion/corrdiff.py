@@ -1,6 +1,6 @@
 """CorrDiff: a diffusion decoder conditioned on ŷ, corrected toward the codec's x̂ by transmitted coefficients.
 
-Method background: ``/work/shared/docs/methods.md`` §2 (arXiv 2404.04916); what is implemented and
+Method background: arXiv 2404.04916; what is implemented and
 measured: ``docs/corrdiff.md``. Images are in the model range [-1, 1] inside, [0, 1] at the boundary.
 
 ::

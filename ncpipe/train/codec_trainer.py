@@ -87,7 +87,10 @@ class CodecTrainConfig:
 
 def resume_step(config: CodecTrainConfig) -> int:
     """The step a run resumes from (0: a new run); refuses a run_dir holding a different model."""
-    state = load_state(Path(config.run_dir))
+    return _resumable_step(config, load_state(Path(config.run_dir)))
+
+
+def _resumable_step(config: CodecTrainConfig, state: dict | None) -> int:
     if state is None:
         return 0
     saved = {"arch": state["arch"], "hparams": dict(state["hparams"]), "lambdas": list(state.get("lambdas", ()))}
@@ -121,16 +124,17 @@ def _optimizers(adapter: HyperpriorAdapter, config: CodecTrainConfig):
 
 def train_codec(config: CodecTrainConfig) -> Path:
     """Train (or resume) until `steps`, `max_minutes` or Ctrl-C; returns the run_dir holding the saved state."""
-    resume_step(config)
+    run_dir = Path(config.run_dir)
+    state = load_state(run_dir)
+    _resumable_step(config, state)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
-    run_dir = Path(config.run_dir)
     torch.manual_seed(config.seed)
-    reference = _reference_lambda(config)
-    adapter = build_adapter(config.arch, config.hparams, config.lambdas, reference)
+    weights = initial_weights(config.init_from) if config.init_from and state is None else None
+    adapter = build_adapter(config.arch, config.hparams, config.lambdas, _reference_lambda(config, weights))
     main_opt, aux_opt = _optimizers(adapter, config)
-    start = _restore(adapter, main_opt, aux_opt, run_dir, config)
+    start = _restore(adapter, main_opt, aux_opt, state, weights, config)
     adapter.modules().to(device).train()
     _optimizer_to(main_opt, device)
     _optimizer_to(aux_opt, device)
@@ -182,26 +186,35 @@ def _train_step(adapter, main_opt, aux_opt, x, lambdas, levels, amp_dtype, clip_
     return {"loss": loss.item(), "bpp": bpp.item(), "psnr": psnr, "aux": aux_loss.item()}
 
 
-def _restore(adapter, main_opt, aux_opt, run_dir: Path, config: CodecTrainConfig) -> int:
-    state = load_state(run_dir)
+def _restore(adapter, main_opt, aux_opt, state: dict | None, weights: "InitialWeights | None",
+             config: CodecTrainConfig) -> int:
+    """Load the run's own state (resume) or, for a new run, the ``init_from`` weights; the start step."""
     if state is not None:
-        adapter.model.load_state_dict(state["model"])
-        if adapter.quality is not None:
-            adapter.quality.log_steps.data.copy_(state["quality_log_steps"])
+        _load_weights(adapter, state["model"], _state_log_steps(adapter, state))
         main_opt.load_state_dict(state["optimizer"])
         aux_opt.load_state_dict(state["aux_optimizer"])
-        log.info("resuming %s at step %d", run_dir, state["step"])
+        log.info("resuming %s at step %d", config.run_dir, state["step"])
         return int(state["step"])
-    if config.init_from:
-        weights = initial_weights(config.init_from)
-        adapter.model.load_state_dict(weights.model)
-        if adapter.quality is not None and weights.log_steps is not None:
-            if not np.array_equal(np.float32(weights.lambdas), np.float32(config.lambdas)):  # as released
-                raise ConfigError(f"init_from: {config.init_from} has quality levels λ={weights.lambdas}, "
-                                  f"not {config.lambdas}; train with its lambdas to continue it")
-            adapter.quality.log_steps.data.copy_(weights.log_steps)
+    if weights is not None:
+        if adapter.quality is not None and weights.log_steps is not None and not np.array_equal(
+                np.float32(weights.lambdas), np.float32(config.lambdas)):  # compared as released (float32)
+            raise ConfigError(f"init_from: {config.init_from} has quality levels λ={weights.lambdas}, "
+                              f"not {config.lambdas}; train with its lambdas to continue it")
+        _load_weights(adapter, weights.model, weights.log_steps)
         log.info("initialised from %s", config.init_from)
     return 0
+
+
+def _state_log_steps(adapter: HyperpriorAdapter, state: dict) -> torch.Tensor | None:
+    """A variable-rate run's state always holds its steps (a KeyError otherwise: a torn or foreign state)."""
+    return state["quality_log_steps"] if adapter.quality is not None else None
+
+
+def _load_weights(adapter: HyperpriorAdapter, model: dict, log_steps: torch.Tensor | None) -> None:
+    """CompressAI weights, and a variable-rate model's step logarithms when there are any."""
+    adapter.model.load_state_dict(model)
+    if adapter.quality is not None and log_steps is not None:
+        adapter.quality.log_steps.data.copy_(log_steps)
 
 
 @dataclass(frozen=True)
@@ -233,18 +246,15 @@ def initial_weights(path: str) -> InitialWeights:
 def adapter_from_state(state: dict) -> HyperpriorAdapter:
     """The trained model a training state holds (variable-rate when it has several λ)."""
     adapter = build_adapter(state["arch"], state["hparams"], tuple(state["lambdas"]))
-    adapter.model.load_state_dict(state["model"])
-    if adapter.quality is not None:
-        adapter.quality.log_steps.data.copy_(state["quality_log_steps"])
+    _load_weights(adapter, state["model"], _state_log_steps(adapter, state))
     return adapter
 
 
-def _reference_lambda(config: CodecTrainConfig) -> float | None:
+def _reference_lambda(config: CodecTrainConfig, weights: InitialWeights | None) -> float | None:
     """The λ the initial weights were trained at (steps start at 1 there); None for a new model."""
-    if not config.init_from or len(config.lambdas) < 2:
+    if weights is None or len(config.lambdas) < 2 or not weights.lambdas:
         return None
-    lambdas = initial_weights(config.init_from).lambdas
-    return float(np.exp(np.mean(np.log(lambdas)))) if lambdas else None
+    return float(np.exp(np.mean(np.log(weights.lambdas))))
 
 
 def _save(adapter, main_opt, aux_opt, run_dir: Path, config: CodecTrainConfig, step: int) -> None:

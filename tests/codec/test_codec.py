@@ -10,13 +10,6 @@ from ncpipe.models.checkpoint import load_codec_model
 from tests.factories import kodak_pixels, train_tiny_codec
 
 
-@pytest.fixture(scope="module")
-def codec(tiny_model_path):
-    codec = LearnedCodec(load_codec_model(tiny_model_path), y_chunk_channels=8, coder_threads=2)
-    yield codec
-    codec.close()
-
-
 def _images():
     # Different sizes that share one padded shape (128x192), plus edge-replication cases.
     return [kodak_pixels(1, (128, 192)), kodak_pixels(2, (100, 130)), kodak_pixels(3, (65, 129)), kodak_pixels(4, (128, 160))]

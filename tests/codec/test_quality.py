@@ -5,19 +5,11 @@ import pytest
 import torch
 
 from ncpipe import bitstream as fmt
-from ncpipe.codec import LearnedCodec
-from ncpipe.models.checkpoint import QualityError, load_codec_model
+from ncpipe.models.checkpoint import QualityError
 from tests.conftest import TINY_VBR_LAMBDAS
 from tests.factories import kodak_pixels
 
 QUALITIES = range(1, len(TINY_VBR_LAMBDAS) + 1)
-
-
-@pytest.fixture(scope="module")
-def vbr(tiny_vbr_model_path):
-    codec = LearnedCodec(load_codec_model(tiny_vbr_model_path), y_chunk_channels=8, coder_threads=2)
-    yield codec
-    codec.close()
 
 
 def _images():
