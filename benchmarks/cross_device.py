@@ -44,12 +44,12 @@ import torch
 
 from ncpipe import bitstream as fmt
 from ncpipe.codec import LearnedCodec, padded_shape, stack_padded
+from ncpipe.device import resolve_device
 from ncpipe.entropy import rans
 from ncpipe.images import decode_image
 from ncpipe.models.cards import machine_description, now_utc
 from ncpipe.models.checkpoint import CodecModel
 from ncpipe.models.registry import list_models, load_model
-from ncpipe.train.loop import resolve_device
 
 CONTAINER_BYTES_PER_CHUNK = fmt.CHUNK_OVERHEAD + 4  # length + CRC32, and the stream's u32 word count
 

@@ -26,9 +26,9 @@ from benchmarks.common import by_shape, classical_codecs, load_images, machine, 
 from benchmarks.throughput import CLASSICAL_QUALITY
 from ncpipe.codec import LearnedCodec, stack_padded
 from ncpipe.config import ClusterConfig, CompressConfig, DecompressConfig
+from ncpipe.device import resolve_device
 from ncpipe.models.registry import load_model
 from ncpipe.pipeline.jobs import run_compress, run_decompress
-from ncpipe.train.loop import resolve_device
 
 
 @torch.inference_mode()

@@ -30,9 +30,9 @@ import torch
 from benchmarks.common import by_shape, classical_codecs, load_images, machine, now, sync, write_shards
 from ncpipe.codec import stack_padded
 from ncpipe.config import ClusterConfig, CompressConfig
+from ncpipe.device import resolve_device
 from ncpipe.models.registry import load_model
 from ncpipe.pipeline.jobs import run_compress
-from ncpipe.train.loop import resolve_device
 
 CLASSICAL_QUALITY = {"jpeg": 50, "webp": 50, "avif": 40, "jpegxl": 50}
 

@@ -43,6 +43,7 @@ import torch
 
 from ncpipe import metrics
 from ncpipe.codec import LearnedCodec
+from ncpipe.device import resolve_device
 from ncpipe.diffusion.corrdiff import (
     TRANSMITTED_PERCEPTION,
     attach_corrections,
@@ -61,7 +62,6 @@ from ncpipe.io.storage import atomic_writer
 from ncpipe.manifest import arrow_schema
 from ncpipe.models.cards import machine_description, now_utc
 from ncpipe.models.registry import load_model
-from ncpipe.train.loop import resolve_device
 
 log = logging.getLogger(__name__)
 

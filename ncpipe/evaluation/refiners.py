@@ -34,6 +34,7 @@ import torch
 
 from ncpipe import metrics
 from ncpipe.codec import LearnedCodec
+from ncpipe.device import resolve_device
 from ncpipe.diffusion.guidance import GuidanceConfig, bin_violation, encoder_input
 from ncpipe.diffusion.refiner import DecodedBatch, Refiner, RefinerMismatchError, decoded_batch, load_refiner
 from ncpipe.evaluation.learned import load_image_set
@@ -43,7 +44,6 @@ from ncpipe.io.storage import atomic_writer
 from ncpipe.manifest import arrow_schema
 from ncpipe.models.cards import machine_description, now_utc
 from ncpipe.models.registry import load_model, resolve_model
-from ncpipe.train.loop import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -199,8 +199,8 @@ def evaluate_checkpoint(ref: ModelRef, images: list[tuple[str, np.ndarray]], dev
     """Load one model (its SHA-256 checked against its card) and measure it on ``images`` at each of its
     rate points (every quality level of a variable-rate model)."""
     from ncpipe.codec import LearnedCodec
+    from ncpipe.device import resolve_device
     from ncpipe.models.checkpoint import load_codec_model
-    from ncpipe.train.loop import resolve_device
 
     model = load_codec_model(ref.checkpoint, ref.expected_sha256).to(resolve_device(device))
     codec = LearnedCodec(model)
@@ -266,7 +266,7 @@ def evaluate_job(config: EvaluateConfig) -> EvaluationReport:
 
 def run_evaluation(config: EvaluateConfig, command: str) -> EvaluationReport:
     """Measure every model and baseline of ``config`` on its image set, write the outputs, then the cards."""
-    from ncpipe.train.loop import resolve_device
+    from ncpipe.device import resolve_device
 
     device = str(resolve_device(config.device))
     folder, files = image_files(config)

@@ -17,8 +17,8 @@ import torch
 
 from ncpipe.codec import LearnedCodec
 from ncpipe.config import CompressConfig, DecompressConfig, RecompressConfig
+from ncpipe.device import resolve_device
 from ncpipe.models.registry import load_model
-from ncpipe.train.loop import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -462,7 +462,7 @@ class ModelCache:
     recompression): the ``--model`` given, else the registry's model with that digest."""
 
     def __init__(self, model: str | None, device: str, threads: int):
-        from ncpipe.train.loop import resolve_device
+        from ncpipe.device import resolve_device
 
         self.device, self.threads = resolve_device(device), threads
         self.codecs: dict[str, LearnedCodec] = {}

@@ -24,14 +24,13 @@ import numpy as np
 import torch
 
 from ncpipe.config import ConfigError
+from ncpipe.device import autocast_dtype, resolve_device
 from ncpipe.models.architectures import HyperpriorAdapter, build_adapter
 from ncpipe.train.data import RandomCrops, load_training_images
 from ncpipe.train.loop import (
     ProgressLog,
     StopRequest,
-    autocast_dtype,
     load_state,
-    resolve_device,
     save_state,
     step_learning_rate,
 )

@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from ncpipe.codec import LearnedCodec
+from ncpipe.device import resolve_device
 from ncpipe.diffusion.corrdiff import CORRDIFF_FILE, CorrDiffConfig, CorrDiffDecoder, save_corrdiff
 from ncpipe.diffusion.objectives import gaussian_training_batch
 from ncpipe.diffusion.refiner import TrainedCodec
 from ncpipe.diffusion.unet import to_model_range
 from ncpipe.models.registry import load_model
 from ncpipe.train.diffusion_state import DiffusionTrainOptions, RunState, provenance, release, resume_on, run_steps
-from ncpipe.train.loop import resolve_device
 from ncpipe.train.refiner_trainer import AlignedCrops, decoded_training_set
 
 log = logging.getLogger(__name__)

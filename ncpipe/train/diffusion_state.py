@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 from ncpipe.bitstream import LATENT_STRIDE
+from ncpipe.device import autocast_dtype
 from ncpipe.diffusion.refiner import jsonable
 from ncpipe.diffusion.unet import UNetConfig
 from ncpipe.train.data import load_training_images
-from ncpipe.train.loop import ProgressLog, autocast_dtype, load_state, save_state, step_learning_rate
+from ncpipe.train.loop import ProgressLog, load_state, save_state, step_learning_rate
 
 log = logging.getLogger(__name__)
 

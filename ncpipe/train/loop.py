@@ -1,4 +1,4 @@
-"""Pieces every ncpipe training job shares: device choice, schedules, resumable state, logging.
+"""Pieces every ncpipe training job shares: schedules, resumable state, logging.
 
 The training state is one file, ``train_state.pt``, or, where files must stay small (a GPU
 machine hands back files of at most 16 MiB), parts ``train_state.pt.000``, ``.001``, ...
@@ -26,21 +26,6 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
 PARTS_INDEX = "train_state.parts.json"
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available here")
-    return device
-
-
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """Mixed precision runs on GPUs only (bfloat16 needs no loss scaling)."""
-    return torch.bfloat16 if amp and device.type == "cuda" else None
 
 
 def step_learning_rate(step: int, total_steps: int, base_lr: float, decay_at: float) -> float:

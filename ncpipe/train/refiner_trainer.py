@@ -34,12 +34,12 @@ import torch.nn.functional as F
 
 from ncpipe.bitstream import LATENT_STRIDE
 from ncpipe.codec import LearnedCodec
+from ncpipe.device import resolve_device
 from ncpipe.diffusion.objectives import bridge_training_batch, gaussian_training_batch
 from ncpipe.diffusion.refiner import Refiner, RefinerConfig, TrainedCodec, decoded_batch, save_refiner
 from ncpipe.diffusion.unet import to_model_range
 from ncpipe.models.registry import load_model
 from ncpipe.train.diffusion_state import DiffusionTrainOptions, RunState, provenance, release, resume_on, run_steps
-from ncpipe.train.loop import resolve_device
 
 log = logging.getLogger(__name__)
 
