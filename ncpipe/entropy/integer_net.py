@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ncpipe.errors import NcpipeError
+
 ACT_FRAC_BITS = 12
 ACT_LIMIT = 1 << (14 + ACT_FRAC_BITS)  # |activation| <= 16384 in real units
 EXACT_LIMIT = 1 << 52  # one bit of headroom below float64's 2^53 integer range
@@ -40,7 +42,7 @@ MAX_WEIGHT_FRAC_BITS = 16
 _SLOPE_BITS = 16
 
 
-class IntegerNetError(ValueError):
+class IntegerNetError(NcpipeError, ValueError):
     """The layers cannot be run exactly in fixed point (unsupported layer or range)."""
 
 

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numba import njit
 
+from ncpipe.errors import NcpipeError
+
 if TYPE_CHECKING:
     from ncpipe.entropy.tables import CdfTables
 
@@ -58,7 +60,7 @@ DECODE_ERRORS = {
 }
 
 
-class EntropyCodingError(ValueError):
+class EntropyCodingError(NcpipeError, ValueError):
     """A stream could not be coded or decoded; the message says why."""
 
 

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from ncpipe.entropy.rans import PROB_TOTAL
+from ncpipe.errors import NcpipeError
 
 
-class TableError(ValueError):
+class TableError(NcpipeError, ValueError):
     """Stored probability tables are malformed."""
 
 

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
+from ncpipe.errors import NcpipeError
 from ncpipe.io.storage import is_transient, redacted_error
 from ncpipe.io.urls import redact, url_to_fs
 
@@ -54,7 +55,7 @@ class Sample:
     error: str | None = None
 
 
-class ShardUnreadable(Exception):
+class ShardUnreadable(NcpipeError):
     """The shard cannot be opened or read at all (missing, not a tar); the message names its redacted URL."""
 
 
