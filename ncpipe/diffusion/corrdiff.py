@@ -375,28 +375,27 @@ def decode_with_corrections(
 def encoder_batch(codec, analysed, keys: Sequence[str]) -> DecodedBatch:
     """What the decoder will hold, built at the encoder from ``LearnedCodec.analyse(images, reconstruct=True)``.
 
-    ŷ = Δ_q · y_sym + μ with μ from the exact integer ``entropy_parameters`` (what the decoder derives), and
+    ŷ = Δ_q · y_sym + μ with μ the exact integer means analyse derived (what the decoder derives), and
     x̂ the analyse reconstruction (the decoder's ``synthesise`` output; computed here when absent).
     """
-    from ncpipe.codec import LatentSymbols, padded_shape
+    from ncpipe.codec import padded_shape
 
     sizes = analysed.sizes
     padded = {padded_shape(h, w) for h, w in sizes}
     if len(padded) != 1:
         raise ValueError(f"one batch must share one padded size, got {sorted(padded)}")
-    qualities = [analysed.quality] * len(sizes)
+    headers = [codec.header_for(h, w, "RGB", analysed.quality) for h, w in sizes]
+    symbols = [analysed.symbols(i) for i in range(len(sizes))]
     with torch.inference_mode():
-        _, means = codec.entropy_parameters(torch.from_numpy(analysed.z_symbols), qualities)
-        y_hat = codec.dequantize(torch.from_numpy(analysed.y_symbols), means, qualities)
+        y_hat = codec.latents(headers, symbols)
     x_hat = analysed.reconstructions
     if x_hat is None:
-        headers = [codec.header_for(h, w, "RGB", analysed.quality) for h, w in sizes]
-        x_hat = codec.synthesise(headers, [LatentSymbols(z, y) for z, y in zip(analysed.z_symbols, analysed.y_symbols)])
+        x_hat = codec.synthesise(headers, symbols)
     identity = codec.model.identity
     return DecodedBatch(
         x_hat=tuple(x.clone() for x in x_hat), y_hat=y_hat.clone(), sizes=tuple(sizes), padded=padded.pop(),
         rates=(codec.model.rate_of(analysed.quality),) * len(sizes), codec_sha256=(identity.sha256,) * len(sizes),
-        keys=tuple(keys),
+        keys=tuple(keys), qualities=tuple(qualities),
     )
 
 

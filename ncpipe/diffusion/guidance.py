@@ -3,12 +3,14 @@
 A ``guidance(x0_hat, step) -> x0_hat`` hook for ``sample_bridge`` / ``sample_ddim`` (no training).
 Two corrections, each switchable by its weight in :class:`GuidanceConfig`:
 
-**(a) Latent (quantization-bin) consistency.** The encoder wrote y_sym = round(y − μ), so the
-original's latent y = g_a(x) lay in the bin [ŷ − ½, ŷ + ½] around ŷ = y_sym + μ (μ: the decoded
-means). Re-encode the estimate and measure how far it leaves its bins::
+**(a) Latent (quantization-bin) consistency.** The encoder wrote y_sym = round((y − μ) / Δ), so the
+original's latent y = g_a(x) lay in the bin [ŷ − Δ/2, ŷ + Δ/2] around ŷ = Δ·y_sym + μ (μ: the decoded
+means; Δ: the quantization step of the image's quality level, per latent channel, for a
+variable-rate codec, and Δ = 1 for a fixed-rate one). Re-encode the estimate and measure how far it
+leaves its bins::
 
     x0 (B,3,Hc,Wc) [-1,1] ─> [0,1] ─crop to (h,w), replicate-pad to (Hp,Wp)─> g_a ─> y0 (B,M,Hp/16,Wp/16)
-    v = relu(|y0 − ŷ| − ½)            (zero inside the bin: the dead zone of the constraint)
+    v = relu(|y0 − ŷ| − Δ/2)          (zero inside the bin: the dead zone of the constraint)
     E_i = ½ Σ v²  per image i         (``violation_energy``)
     x0_i ← x0_i − S · E_i / ‖∇E_i‖² · ∇E_i
 
@@ -84,29 +86,33 @@ def encoder_input(x01: Tensor, sizes: Sequence[tuple[int, int]], padded: tuple[i
     return torch.cat(rows)
 
 
-def bin_violation(y: Tensor, y_hat: Tensor) -> Tensor:
-    """relu(|y − ŷ| − ½) per element: how far each latent lies outside its quantization bin."""
-    return ((y - y_hat).abs() - 0.5).clamp_min(0.0)
+def bin_violation(y: Tensor, y_hat: Tensor, step: Tensor | float = 1.0) -> Tensor:
+    """relu(|y − ŷ| − Δ/2) per element: how far each latent lies outside its quantization bin.
+
+    ``step`` Δ: a scalar or a tensor broadcastable to y, e.g. (B, M, 1, 1) per image and channel.
+    """
+    return ((y - y_hat).abs() - 0.5 * step).clamp_min(0.0)
 
 
 def violation_energy(
-    analysis: Analysis, x0_model: Tensor, y_hat: Tensor, sizes: Sequence[tuple[int, int]], padded: tuple[int, int]
+    analysis: Analysis, x0_model: Tensor, y_hat: Tensor, sizes: Sequence[tuple[int, int]], padded: tuple[int, int],
+    step: Tensor | float = 1.0,
 ) -> Tensor:
-    """E_i = ½ Σ relu(|g_a(x0_i) − ŷ_i| − ½)², shape (B,); x0 in the model range [-1, 1]."""
+    """E_i = ½ Σ relu(|g_a(x0_i) − ŷ_i| − Δ/2)², shape (B,); x0 in the model range [-1, 1]."""
     y = analysis(encoder_input((x0_model + 1.0) * 0.5, sizes, padded))
     if y.shape != y_hat.shape:
         raise ValueError(f"g_a gives latents {tuple(y.shape)} but ŷ is {tuple(y_hat.shape)}: wrong codec or canvas")
-    return 0.5 * bin_violation(y.float(), y_hat).square().sum(dim=(1, 2, 3))
+    return 0.5 * bin_violation(y.float(), y_hat, step).square().sum(dim=(1, 2, 3))
 
 
 def latent_consistency_step(
     analysis: Analysis, x0_model: Tensor, y_hat: Tensor, sizes: Sequence[tuple[int, int]],
-    padded: tuple[int, int], strength: float,
+    padded: tuple[int, int], strength: float, step: Tensor | float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """One Polyak step on E (see module docstring) -> (new x0, E before the step (B,))."""
     with torch.inference_mode(False), torch.enable_grad():
         x = x0_model.detach().clone().requires_grad_(True)
-        energy = violation_energy(analysis, x, y_hat, sizes, padded)
+        energy = violation_energy(analysis, x, y_hat, sizes, padded, step)
         (grad,) = torch.autograd.grad(energy.sum(), x)
     energy, grad = energy.detach(), grad.detach()
     grad_sq = grad.square().sum(dim=(1, 2, 3))
@@ -131,6 +137,7 @@ class SampleGuidance:
     x_hat_model: Tensor  # (B, 3, Hc, Wc) x̂ in [-1, 1] on the sampling canvas
     sizes: tuple[tuple[int, int], ...]
     padded: tuple[int, int]  # the codec's padded image size (Hp, Wp)
+    bin_steps: Tensor | float = 1.0  # Δ per image and latent channel (B, M, 1, 1); 1 for a fixed-rate codec
     energies: list[tuple[int, Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -144,7 +151,8 @@ class SampleGuidance:
             x0_hat = low_frequency_step(x0_hat, self.x_hat_model, self.config.low_frequency, self.config.low_pass)
         if self.config.strength > 0.0:
             x0_hat, energy = latent_consistency_step(
-                self.analysis, x0_hat, self.y_hat, self.sizes, self.padded, self.config.strength  # type: ignore[arg-type]
+                self.analysis, x0_hat, self.y_hat, self.sizes, self.padded, self.config.strength,  # type: ignore[arg-type]
+                self.bin_steps,
             )
             self.energies.append((step, energy))
         return x0_hat

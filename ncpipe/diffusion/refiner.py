@@ -45,6 +45,7 @@ from ncpipe.diffusion.guidance import GuidanceConfig, SampleGuidance
 from ncpipe.diffusion.samplers import Denoise, Guidance, sample_bridge, sample_ddim, seeded_noise
 from ncpipe.diffusion.schedules import EtaKind, bridge_step, ddim_timesteps, eta_schedule
 from ncpipe.diffusion.unet import Denoiser, Parameterization, UNet, UNetConfig, to_model_range
+from ncpipe.errors import NcpipeError
 from ncpipe.models.registry import resolve_model
 
 REFINER_FORMAT = "ncpipe-refiner/1"
@@ -52,7 +53,7 @@ Process = Literal["bridge", "gaussian"]
 _HASHED_FIELDS = ("format", "config", "codecs")
 
 
-class RefinerError(ValueError):
+class RefinerError(NcpipeError, ValueError):
     """A refiner checkpoint is missing, malformed, or not the one asked for."""
 
 
@@ -134,12 +135,27 @@ class DecodedBatch:
     rates: tuple[float, ...]  # λ per image (from the header)
     codec_sha256: tuple[str, ...]  # the model each bitstream names
     keys: tuple[str, ...]  # per-image noise seeds (default: a digest of the image's symbols)
+    qualities: tuple[int, ...] | None = None  # quality level per image (from the header); None: fixed-rate (Δ = 1)
 
     def __post_init__(self) -> None:
         n = len(self.x_hat)
         lengths = {len(v) for v in (self.sizes, self.rates, self.codec_sha256, self.keys)} | {self.y_hat.shape[0]}
+        if self.qualities is not None:
+            lengths.add(len(self.qualities))
         if not n or lengths != {n}:
             raise ValueError("a DecodedBatch needs one x̂, ŷ, size, rate, codec and key per image (and at least one)")
+
+
+def bin_steps(codec, decoded: DecodedBatch) -> Tensor:
+    """The quantization steps Δ (B, M, 1, 1) float32 the bitstreams of ``decoded`` were coded with.
+
+    Each image's quality level selects its per-channel steps; a fixed-rate codec has Δ = 1.
+    """
+    if decoded.qualities is None:
+        if codec.model.quality is not None:
+            raise ValueError("a variable-rate codec's batch must carry each image's quality level")
+        return torch.ones(len(decoded.x_hat), codec.model.adapter.latent_channels, 1, 1)
+    return codec.steps(decoded.qualities).float()
 
 
 def symbols_key(z: np.ndarray, y: np.ndarray) -> str:
@@ -157,16 +173,12 @@ def decoded_batch(codec, headers: Sequence, symbols: Sequence, x_hat: Sequence[T
     """A ``DecodedBatch`` from ``LearnedCodec.decode_symbols`` results (one latent shape).
 
     ``x_hat``: what ``codec.synthesise(headers, symbols)`` returned (computed here when None);
-    ŷ is recomputed exactly as synthesise does (the exact integer entropy parameters).
+    ŷ is formed as synthesise forms it, from the exact means the symbols carry.
     """
-    z = torch.from_numpy(np.stack([s.z for s in symbols]))
-    y = torch.from_numpy(np.stack([s.y for s in symbols]))
     if x_hat is None:
         x_hat = codec.synthesise(headers, symbols)
-    qualities = [h.quality for h in headers]
     with torch.inference_mode():
-        _, means = codec.entropy_parameters(z, qualities)
-        y_hat = codec.dequantize(y, means, qualities)
+        y_hat = codec.latents(headers, symbols)
     padded = {(h.height + h.pad_bottom, h.width + h.pad_right) for h in headers}
     if len(padded) != 1:
         raise ValueError(f"images of one refine batch must share one padded size (latent shape), got {sorted(padded)}")
@@ -175,6 +187,7 @@ def decoded_batch(codec, headers: Sequence, symbols: Sequence, x_hat: Sequence[T
         padded=padded.pop(), rates=tuple(float(h.rate) for h in headers),
         codec_sha256=tuple(h.model_sha256 for h in headers),
         keys=tuple(keys) if keys is not None else tuple(symbols_key(s.z, s.y) for s in symbols),
+        qualities=tuple(qualities),
     )
 
 
@@ -307,6 +320,8 @@ class Refiner(nn.Module):
                 raise RefinerMismatchError("guidance codec is not the codec that wrote these bitstreams")
             adapter = codec.model.adapter
             analysis = lambda x: adapter.analysis(x)[0]  # noqa: E731  (y; h_a's z is not used)
+            steps = bin_steps(codec, decoded).to(y_hat.device)
+            return SampleGuidance(guidance, analysis, y_hat, x_hat, decoded.sizes, decoded.padded, steps)
         return SampleGuidance(guidance, analysis, y_hat, x_hat, decoded.sizes, decoded.padded)
 
 

@@ -12,7 +12,7 @@
 Every method of a codec decodes the *same* bitstream, so bpp is identical by construction. Decode
 time is the whole decoder: rANS + entropy parameters + synthesis, plus the refinement for refiner
 rows (``refine_seconds`` alone is also kept). ``outside_bin`` is the fraction of latents whose
-re-encoding g_a(output) leaves the quantization bin [ŷ − ½, ŷ + ½] the bitstream proves (the
+re-encoding g_a(output) leaves the quantization bin [ŷ − Δ/2, ŷ + Δ/2] the bitstream proves (the
 original image has 0): the consistency that sample guidance enforces.
 """
 
@@ -36,7 +36,14 @@ from ncpipe import metrics
 from ncpipe.codec import LearnedCodec
 from ncpipe.device import resolve_device
 from ncpipe.diffusion.guidance import GuidanceConfig, bin_violation, encoder_input
-from ncpipe.diffusion.refiner import DecodedBatch, Refiner, RefinerMismatchError, decoded_batch, load_refiner
+from ncpipe.diffusion.refiner import (
+    DecodedBatch,
+    Refiner,
+    RefinerMismatchError,
+    bin_steps,
+    decoded_batch,
+    load_refiner,
+)
 from ncpipe.evaluation.learned import load_image_set
 from ncpipe.evaluation.plots import plot_sweep
 from ncpipe.images import IMAGE_EXTENSIONS
@@ -206,9 +213,10 @@ def _evaluate_image(codec: LearnedCodec, codec_name: str, methods: Sequence[_Met
 
 @torch.no_grad()
 def outside_bin_fraction(codec: LearnedCodec, image01: torch.Tensor, decoded: DecodedBatch) -> float:
-    """Fraction of latents of g_a(image) outside [ŷ − ½, ŷ + ½] (one image, (1, 3, h, w) in [0, 1])."""
+    """Fraction of latents of g_a(image) outside [ŷ − Δ/2, ŷ + Δ/2] (one image, (1, 3, h, w) in [0, 1])."""
     y = codec.model.adapter.analysis(encoder_input(image01, decoded.sizes[:1], decoded.padded))[0]
-    return float((bin_violation(y.float(), decoded.y_hat[:1].to(y.device)) > 0).float().mean())
+    steps = bin_steps(codec, decoded)[:1].to(y.device)
+    return float((bin_violation(y.float(), decoded.y_hat[:1].to(y.device), steps) > 0).float().mean())
 
 
 def summarise(rows: Sequence[RefinerResult]) -> list[SummaryRow]:

@@ -149,3 +149,34 @@ def test_guided_bridge_moves_the_real_codec_reconstruction_into_its_bins(tiny_mo
         out = sample_bridge(lambda x_t, t: x_t, x_hat, eta_schedule(4), guidance=hook)  # identity denoiser
     assert float(violation_energy(analysis, out, *args)[0]) < 0.8 * e_hat
     codec.close()
+
+
+def test_bins_scale_with_the_quantization_step() -> None:
+    """A bin is [ŷ − Δ/2, ŷ + Δ/2]: half-step wide per channel, and Δ = 1 is the fixed-rate bin."""
+    y_hat = torch.zeros(1, 2, 1, 2)
+    y = torch.tensor([[[[0.4, 1.0]], [[0.4, 1.0]]]])
+    steps = torch.tensor([0.5, 4.0]).view(1, 2, 1, 1)
+    expected = torch.tensor([[[[0.15, 0.75]], [[0.0, 0.0]]]])
+    assert torch.allclose(bin_violation(y, y_hat, steps), expected)
+    assert torch.equal(bin_violation(y, y_hat, 1.0), bin_violation(y, y_hat))
+
+
+def test_variable_rate_bitstreams_put_the_original_inside_its_quality_bins(tiny_vbr_model_path: Path) -> None:
+    """The real variable-rate codec: at the lowest and highest quality the original re-encodes inside
+    the Δ_q bins the decoded batch carries."""
+    from ncpipe.diffusion.refiner import bin_steps, decoded_batch
+
+    codec = LearnedCodec(load_codec_model(tiny_vbr_model_path), coder_threads=1)
+    pixels = kodak_pixels(1, (64, 96))
+    analysis = lambda x: codec.model.adapter.analysis(x)[0]  # noqa: E731
+    original = to_model_range(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255)
+    for quality in (1, len(codec.model.quality.lambdas)):
+        data = codec.encode_batch([pixels], ["RGB"], quality=quality)[0]
+        header, symbols = codec.decode_symbols(data)
+        batch = decoded_batch(codec, [header], [symbols])
+        steps = bin_steps(codec, batch)
+        assert batch.qualities == (quality,)
+        assert torch.equal(steps, codec.model.quality.steps[quality - 1].view(1, -1, 1, 1))
+        args = (batch.y_hat, batch.sizes, batch.padded)
+        assert float(violation_energy(analysis, original, *args, steps)[0]) < 1e-6
+    codec.close()
