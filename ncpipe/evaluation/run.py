@@ -41,7 +41,7 @@ from ncpipe import __version__
 from ncpipe.config import ConfigError
 from ncpipe.evaluation.baselines import BASELINE_NAMES, ClassicalCodec, get_baselines, sweep
 from ncpipe.evaluation.bdrate import bd_psnr, bd_rate
-from ncpipe.evaluation.learned import ImageResult, evaluate_model, load_image_set
+from ncpipe.evaluation.learned import ImageResult, evaluate_model, load_image_set, summarise_results
 from ncpipe.evaluation.plots import plot_rd
 from ncpipe.evaluation.progress import Progress
 from ncpipe.io.storage import atomic_writer
@@ -221,7 +221,6 @@ def card_evaluation(results: list[ImageResult], dataset: str, command: str, devi
     levels means nothing, so the entry's top-level means are the default quality's, and ``qualities``
     holds the means of every level with its λ.
     """
-    from ncpipe.models.release import summarise_results
 
     levels: dict[int, list[ImageResult]] = {}
     for r in results:

@@ -9,7 +9,7 @@ of transforms learns every rate.
 Training comes in windows (a GPU lease, a CI slot): ``max_minutes`` ends a run cleanly,
 the state is saved every ``checkpoint_every`` steps and every ``checkpoint_minutes``,
 and a re-run with the same ``run_dir`` resumes. A new ``run_dir`` continues from a
-released model with ``init_from`` (``ncpipe.models.release`` freezes the state into one).
+released model with ``init_from`` (``ncpipe.train.release`` freezes the state into one).
 """
 
 from __future__ import annotations

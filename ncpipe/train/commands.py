@@ -177,9 +177,9 @@ def _registry_folder(models_dir: str, name: str, overwrite: bool) -> Path:
 def _release(args: argparse.Namespace) -> int:
     from ncpipe.evaluation.run import dataset_label, default_images
     from ncpipe.models.cards import command_line, write_card
-    from ncpipe.models.release import release_run
     from ncpipe.train.data import list_image_files
     from ncpipe.train.loop import has_state
+    from ncpipe.train.release import release_run
 
     run_dir = Path(args.run_dir)
     if not has_state(run_dir):
@@ -228,7 +228,7 @@ def _add_release_decoder(sub) -> None:
 
 def _release_decoder(args: argparse.Namespace) -> int:
     from ncpipe.models.cards import command_line
-    from ncpipe.models.release import release_decoder
+    from ncpipe.train.release import release_decoder
 
     results = Path(args.results) if args.results else None
     if results is not None and not (results / "summary.md").is_file():

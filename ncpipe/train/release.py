@@ -3,38 +3,18 @@
 from __future__ import annotations
 
 import logging
-import statistics
 from pathlib import Path
 from typing import Any
 
-from ncpipe.evaluation.learned import ImageResult, load_image_set
+from ncpipe.evaluation.learned import load_image_set
 from ncpipe.evaluation.run import card_evaluation, evaluate_checkpoint
-from ncpipe.models.cards import anchor_gap, machine_description, now_utc, write_card
+from ncpipe.models.cards import now_utc, write_card
 from ncpipe.models.checkpoint import CheckpointError, file_sha256, release_checkpoint, save_checkpoint
 from ncpipe.models.registry import CHECKPOINT_NAME, DECODER_FILES, ModelRef, find_by_sha256
 from ncpipe.train.codec_trainer import adapter_from_state
 from ncpipe.train.loop import load_state
 
 log = logging.getLogger(__name__)
-
-
-def summarise_results(results: list[ImageResult], dataset: str, command: str) -> dict[str, Any]:
-    """Mean bpp/PSNR/MS-SSIM/timings over images, with provenance."""
-    summary = {
-        "dataset": dataset,
-        "images": len(results),
-        "bpp": statistics.fmean(r.bpp for r in results),
-        "psnr": statistics.fmean(r.psnr for r in results),
-        "ms_ssim": statistics.fmean(r.ms_ssim for r in results),
-        "encode_seconds": statistics.fmean(r.encode_seconds for r in results),
-        "decode_seconds": statistics.fmean(r.decode_seconds for r in results),
-        "date": now_utc(),
-        "machine": machine_description(),
-        "command": command,
-    }
-    # the published curve is measured on Kodak: a gap to it means something there only
-    summary["anchor_gap"] = anchor_gap(summary["bpp"], summary["psnr"]) if dataset.startswith("kodak") else None
-    return summary
 
 
 def release_run(
