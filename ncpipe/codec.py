@@ -51,6 +51,9 @@ class LatentSymbols:
 
     z: np.ndarray  # int32 (Cz, hz, wz)
     y: np.ndarray  # int32 (Cy, hy, wy)
+    # The exact means μ (Cy, hy, wy) float64 the decoder derived from z, on the codec's device: carried so
+    # that the integer h_s runs once per image (synthesis and diffusion decoders reuse them). None: derive them.
+    means: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,11 @@ class AnalysedBatch:
     y_symbols: np.ndarray  # int32 (B, Cy, hy, wy)
     scale_indexes: np.ndarray  # int32 (B, Cy, hy, wy)
     reconstructions: tuple[torch.Tensor, ...] | None  # (3, h, w) in [0, 1] on the device, or None
+    means: torch.Tensor | None = None  # float64 (B, Cy, hy, wy) on the device: the exact μ the decoder will derive
 
     def symbols(self, index: int) -> LatentSymbols:
-        return LatentSymbols(self.z_symbols[index], self.y_symbols[index])
+        means = None if self.means is None else self.means[index]
+        return LatentSymbols(self.z_symbols[index], self.y_symbols[index], means)
 
 
 def padded_shape(height: int, width: int) -> tuple[int, int]:
@@ -141,6 +146,19 @@ class LearnedCodec:
         y = y_symbols.to(self.device, torch.float64)
         return (y * self.steps(qualities) + means).float()
 
+    def latents(self, headers: Sequence[fmt.BitstreamHeader], symbols: Sequence[LatentSymbols]) -> torch.Tensor:
+        """ŷ (B,Cy,hy,wy) float32 on the device of images sharing one latent shape, from the means the
+        symbols carry (the exact h_s runs only for those that carry none)."""
+        qualities = [h.quality for h in headers]
+        means = [s.means for s in symbols]
+        missing = [i for i, m in enumerate(means) if m is None]
+        if missing:
+            z = torch.from_numpy(np.stack([symbols[i].z for i in missing]))
+            for i, derived in zip(missing, self.entropy_parameters(z, [qualities[i] for i in missing])[1]):
+                means[i] = derived
+        y = torch.from_numpy(np.stack([s.y for s in symbols]))
+        return self.dequantize(y, torch.stack([m.to(self.device) for m in means]), qualities)
+
     # -- encoder ---------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -167,6 +185,7 @@ class LearnedCodec:
             y_symbols=y_symbols.to("cpu", torch.int32).numpy(),
             scale_indexes=indexes.cpu().numpy(),
             reconstructions=reconstructions,
+            means=means,
         )
 
     def header_for(self, height: int, width: int, source_mode: str, quality: int | None = None) -> fmt.BitstreamHeader:
@@ -185,8 +204,10 @@ class LearnedCodec:
             y_chunk_channels=self.y_chunk_channels,
         )
 
-    def submit_entropy_coding(self, batch: AnalysedBatch, index: int, source_mode: str) -> "PendingBitstream":
-        """CPU stage for image ``index`` of ``batch``: its chunks are coded on the thread pool."""
+    def submit_entropy_coding(self, batch: AnalysedBatch, index: int, source_mode: str,
+                              extensions: tuple[fmt.Extension, ...] = ()) -> "PendingBitstream":
+        """CPU stage for image ``index`` of ``batch``: its chunks are coded on the thread pool;
+        ``extensions`` (the image's metadata, say) are packed after them."""
         height, width = batch.sizes[index]
         header = self.header_for(height, width, source_mode, batch.quality)
         z = batch.z_symbols[index]
@@ -201,7 +222,7 @@ class LearnedCodec:
                     self.model.y_tables,
                 )
             )
-        return PendingBitstream(header, tuple(chunks))
+        return PendingBitstream(header, tuple(chunks), extensions)
 
     def encode_batch(self, images: Sequence[np.ndarray], source_modes: Sequence[str],
                      quality: int | None = None) -> list[bytes]:
@@ -247,17 +268,13 @@ class LearnedCodec:
             for stream, (start, stop) in zip(parsed.y_streams, header.y_chunk_ranges())
         ]
         y = np.concatenate([f.result().reshape(-1, *y_shape[1:]) for f in futures]).reshape(y_shape)
-        return header, LatentSymbols(z, y)
+        return header, LatentSymbols(z, y, means[0])
 
     @torch.inference_mode()
     def synthesise(self, headers: Sequence[fmt.BitstreamHeader],
                    symbols: Sequence[LatentSymbols]) -> list[torch.Tensor]:
         """Decoded symbols of images sharing one latent shape -> x̂ (3,h,w) in [0,1], on the device."""
-        z = torch.from_numpy(np.stack([s.z for s in symbols]))
-        y = torch.from_numpy(np.stack([s.y for s in symbols]))
-        qualities = [h.quality for h in headers]
-        _, means = self.entropy_parameters(z, qualities)
-        x_hat = self.model.adapter.synthesis(self.dequantize(y, means, qualities)).clamp_(0.0, 1.0)
+        x_hat = self.model.adapter.synthesis(self.latents(headers, symbols)).clamp_(0.0, 1.0)
         return [x_hat[i, :, : h.height, : h.width] for i, h in enumerate(headers)]
 
     def decode(self, data: bytes) -> tuple[fmt.BitstreamHeader, np.ndarray]:
@@ -294,7 +311,8 @@ class PendingBitstream:
 
     header: fmt.BitstreamHeader
     chunks: tuple[Future, ...]
+    extensions: tuple[fmt.Extension, ...] = ()
 
     def result(self) -> bytes:
         streams = [chunk.result() for chunk in self.chunks]
-        return fmt.pack(fmt.Bitstream(self.header, streams[0], tuple(streams[1:])))
+        return fmt.pack(fmt.Bitstream(self.header, streams[0], tuple(streams[1:]), self.extensions))

@@ -395,7 +395,7 @@ def encoder_batch(codec, analysed, keys: Sequence[str]) -> DecodedBatch:
     return DecodedBatch(
         x_hat=tuple(x.clone() for x in x_hat), y_hat=y_hat.clone(), sizes=tuple(sizes), padded=padded.pop(),
         rates=(codec.model.rate_of(analysed.quality),) * len(sizes), codec_sha256=(identity.sha256,) * len(sizes),
-        keys=tuple(keys), qualities=tuple(qualities),
+        keys=tuple(keys), qualities=(analysed.quality,) * len(sizes),
     )
 
 

@@ -43,13 +43,20 @@ from torch import Tensor, nn
 from ncpipe.bitstream import LATENT_STRIDE
 from ncpipe.diffusion.guidance import GuidanceConfig, SampleGuidance
 from ncpipe.diffusion.samplers import Denoise, Guidance, sample_bridge, sample_ddim, seeded_noise
-from ncpipe.diffusion.schedules import EtaKind, bridge_step, ddim_timesteps, eta_schedule
+from ncpipe.diffusion.objectives import (
+    TrainingBatch,
+    bridge_training_batch,
+    continuous_bridge_training_batch,
+    gaussian_training_batch,
+)
+from ncpipe.diffusion.schedules import EtaKind, bridge_step, continuous_eta, ddim_timesteps, eta_schedule
 from ncpipe.diffusion.unet import Denoiser, Parameterization, UNet, UNetConfig, to_model_range
 from ncpipe.errors import NcpipeError
 from ncpipe.models.registry import resolve_model
 
 REFINER_FORMAT = "ncpipe-refiner/1"
 Process = Literal["bridge", "gaussian"]
+TrainLevels = Literal["discrete", "continuous"]
 _HASHED_FIELDS = ("format", "config", "codecs")
 
 
@@ -66,9 +73,10 @@ class RefinerConfig:
     """Everything that defines a refiner network and how it samples (stored in its checkpoint).
 
     ``unet.cond_channels`` and ``unet.cond_vector_dim`` are derived (3 + ``latent_features`` and
-    1 if ``rate_conditioning``) and overwritten here. ``train_schedule_steps`` T: training draws
-    η from the T-step schedule; sampling with K steps uses the K-step schedule of the same kind,
-    and the network's time input is η itself, so K need not equal T.
+    1 if ``rate_conditioning``) and overwritten here. ``train_levels``: "continuous" draws η from
+    the whole range of the schedule family (``schedules.continuous_eta``), so every K is in
+    distribution; "discrete" draws it from the ``train_schedule_steps``-step schedule only. Sampling
+    with K steps uses the K-step schedule of the same kind, and the network's time input is η itself.
     """
 
     unet: UNetConfig = UNetConfig()
@@ -78,6 +86,7 @@ class RefinerConfig:
     eta_min: float = 0.05
     eta_power: float = 1.0
     train_schedule_steps: int = 4
+    train_levels: TrainLevels = "discrete"  # what released refiners without this field were trained on
     kappa: float = 0.0
     rate_conditioning: bool = False
     latent_features: int = 0  # channels of the projected ŷ features; 0 = no latent conditioning
@@ -93,6 +102,8 @@ class RefinerConfig:
             raise ValueError("kappa must be >= 0, and is a bridge option only")
         if self.train_schedule_steps < 1:
             raise ValueError("train_schedule_steps must be >= 1")
+        if self.train_levels not in ("discrete", "continuous"):
+            raise ValueError(f"train_levels must be 'discrete' or 'continuous', got {self.train_levels!r}")
         eta_schedule(max(self.train_schedule_steps, 2), self.schedule, self.eta_min, self.eta_power)  # validates
         unet = dataclasses.replace(
             self.unet, in_channels=3, cond_channels=3 + self.latent_features,
@@ -103,6 +114,17 @@ class RefinerConfig:
     def etas(self, steps: int) -> Tensor:
         """η_0 = 0 < … < η_K = 1 of a K-step bridge sampler (or of training with K = T)."""
         return eta_schedule(steps, self.schedule, self.eta_min, self.eta_power)
+
+    def training_batch(self, x0: Tensor, x_hat: Tensor, generator: torch.Generator | None) -> TrainingBatch:
+        """One training batch of this refiner's process and levels (model range in and out)."""
+        if self.process == "gaussian":
+            return gaussian_training_batch(x0, generator)
+        if self.train_levels == "continuous":
+            def eta_of(u: Tensor) -> Tensor:
+                return continuous_eta(u, self.schedule, self.eta_min, self.eta_power)
+
+            return continuous_bridge_training_batch(x0, x_hat, eta_of, generator, self.kappa)
+        return bridge_training_batch(x0, x_hat, self.etas(self.train_schedule_steps), generator, self.kappa)
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(asdict(self))
@@ -187,7 +209,7 @@ def decoded_batch(codec, headers: Sequence, symbols: Sequence, x_hat: Sequence[T
         padded=padded.pop(), rates=tuple(float(h.rate) for h in headers),
         codec_sha256=tuple(h.model_sha256 for h in headers),
         keys=tuple(keys) if keys is not None else tuple(symbols_key(s.z, s.y) for s in symbols),
-        qualities=tuple(qualities),
+        qualities=tuple(h.quality for h in headers),
     )
 
 
