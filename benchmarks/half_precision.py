@@ -22,9 +22,9 @@ import torch
 from benchmarks.common import machine, now
 from ncpipe.codec import LearnedCodec
 from ncpipe.evaluation.learned import evaluate_learned, load_image_set
+from ncpipe.io.image_files import list_image_files
 from ncpipe.models.checkpoint import CodecModel, model_digest, release_checkpoint
 from ncpipe.train.codec_trainer import adapter_from_state
-from ncpipe.train.data import list_image_files
 from ncpipe.train.loop import load_state
 
 

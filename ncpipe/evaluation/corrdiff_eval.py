@@ -57,7 +57,8 @@ from ncpipe.diffusion.corrdiff import (
 from ncpipe.diffusion.refiner import decoded_batch, load_refiner
 from ncpipe.evaluation.learned import load_image_set
 from ncpipe.evaluation.plots import plot_sweep
-from ncpipe.evaluation.refiners import _image_files, _short_name
+from ncpipe.evaluation.refiners import short_name
+from ncpipe.io.image_files import list_image_files
 from ncpipe.io.storage import atomic_writer
 from ncpipe.manifest import arrow_schema
 from ncpipe.models.cards import machine_description, now_utc
@@ -186,7 +187,7 @@ def evaluate_corrdiff(config: CorrDiffEvalConfig, command: str = "") -> tuple[li
     message = perceptual_message(statuses)
     if message:
         log.warning("%s", message)
-    images = load_image_set(_image_files(config.images, config.limit))
+    images = load_image_set(list_image_files([config.images], config.limit))
     codec = LearnedCodec(load_model(config.codec).to(device), coder_threads=1)
     try:
         sha = codec.model.identity.sha256
@@ -199,7 +200,7 @@ def evaluate_corrdiff(config: CorrDiffEvalConfig, command: str = "") -> tuple[li
     finally:
         codec.close()
     metadata = {
-        "command": command, "date": now_utc(), "machine": machine_description(), "codec": _short_name(config.codec),
+        "command": command, "date": now_utc(), "machine": machine_description(), "codec": short_name(config.codec),
         "images": [name for name, _ in images], "corrdiff_sha256": decoder.sha256,
         "refiners": {k: r.sha256 for k, r in refiners.items()}, "refiner_steps": config.refiner_steps,
         "perceptual": message or "computed",

@@ -46,7 +46,7 @@ from ncpipe.diffusion.refiner import (
 )
 from ncpipe.evaluation.learned import load_image_set
 from ncpipe.evaluation.plots import plot_sweep
-from ncpipe.images import IMAGE_EXTENSIONS
+from ncpipe.io.image_files import list_image_files
 from ncpipe.io.storage import atomic_writer
 from ncpipe.manifest import arrow_schema
 from ncpipe.models.cards import machine_description, now_utc
@@ -127,7 +127,7 @@ class _Method:
 def evaluate_refiners(config: RefinerEvalConfig, command: str = "") -> tuple[list[RefinerResult], tuple[Path, ...]]:
     """Run the comparison and write every output; returns (rows, written paths)."""
     device = resolve_device(config.device)
-    images = load_image_set(_image_files(config.images, config.limit))
+    images = load_image_set(list_image_files([config.images], config.limit))
     refiners = {label: load_refiner(path, device) for label, path in config.refiners}
     rows: list[RefinerResult] = []
     for codec_name in config.codecs:
@@ -135,7 +135,7 @@ def evaluate_refiners(config: RefinerEvalConfig, command: str = "") -> tuple[lis
         try:
             methods = _methods(config, refiners, codec, codec_name)
             for image_name, pixels in images:
-                rows.extend(_evaluate_image(codec, _short_name(codec_name), methods, config.steps, image_name, pixels))
+                rows.extend(_evaluate_image(codec, short_name(codec_name), methods, config.steps, image_name, pixels))
                 log.info("%s %s: %d rows", codec_name, image_name, len(rows))
         finally:
             codec.close()
@@ -146,17 +146,7 @@ def evaluate_refiners(config: RefinerEvalConfig, command: str = "") -> tuple[lis
     return rows, write_outputs(Path(config.output), rows, metadata)
 
 
-def _image_files(images: str, limit: int) -> list[Path]:
-    root = Path(images)
-    files = [root] if root.is_file() else sorted(
-        p for p in root.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
-    )
-    if not files:
-        raise FileNotFoundError(f"no images under {images}")
-    return files[:limit] if limit else files
-
-
-def _short_name(codec_name: str) -> str:
+def short_name(codec_name: str) -> str:
     ref = resolve_model(codec_name)
     return ref.name if ref.card is not None else codec_name
 

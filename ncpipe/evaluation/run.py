@@ -44,6 +44,7 @@ from ncpipe.evaluation.bdrate import bd_psnr, bd_rate
 from ncpipe.evaluation.learned import ImageResult, evaluate_model, load_image_set, summarise_results
 from ncpipe.evaluation.plots import plot_rd
 from ncpipe.evaluation.progress import Progress
+from ncpipe.io.image_files import list_image_files
 from ncpipe.io.storage import atomic_writer
 from ncpipe.manifest import arrow_schema
 from ncpipe.models.cards import machine_description, now_utc, read_card, write_card
@@ -187,11 +188,8 @@ def images_folder(config: EvaluateConfig) -> Path:
 
 def image_files(config: EvaluateConfig) -> tuple[Path, list[Path]]:
     """The image folder and its image files (sorted, at most ``max_images``); errors name what is missing."""
-    from ncpipe.train.data import list_image_files
-
     folder = images_folder(config)
-    files = list_image_files([str(folder)])
-    return folder, files[: config.max_images] if config.max_images else files
+    return folder, list_image_files([folder], config.max_images)
 
 
 def evaluate_checkpoint(ref: ModelRef, images: list[tuple[str, np.ndarray]], device: str,

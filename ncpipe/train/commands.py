@@ -176,8 +176,8 @@ def _registry_folder(models_dir: str, name: str, overwrite: bool) -> Path:
 
 def _release(args: argparse.Namespace) -> int:
     from ncpipe.evaluation.run import dataset_label, default_images
+    from ncpipe.io.image_files import list_image_files
     from ncpipe.models.cards import command_line, write_card
-    from ncpipe.train.data import list_image_files
     from ncpipe.train.loop import has_state
     from ncpipe.train.release import release_run
 
@@ -272,10 +272,10 @@ def _add_import_zoo(sub) -> None:
 def _import_zoo(args: argparse.Namespace) -> int:
     from ncpipe.evaluation.learned import load_image_set
     from ncpipe.evaluation.run import card_evaluation, dataset_label, evaluate_checkpoint
+    from ncpipe.io.image_files import list_image_files
     from ncpipe.models.cards import command_line, write_card
     from ncpipe.models.checkpoint import file_sha256, save_checkpoint
     from ncpipe.models.registry import CHECKPOINT_NAME, ModelRef
-    from ncpipe.train.data import list_image_files
 
     directory = _registry_folder(args.models_dir, args.name, args.overwrite)
     from ncpipe.models.zoo import find_zoo_file, import_zoo_weights

@@ -27,13 +27,12 @@ import numpy as np
 import torch
 from fsspec.core import split_protocol
 
-from ncpipe.images import IMAGE_EXTENSIONS, ImageRefused, decode_image, is_image_member
+from ncpipe.images import ImageRefused, decode_image, is_image_member
+from ncpipe.io.image_files import GLOB_CHARS, images_under
 from ncpipe.io.tar_reader import iter_samples
 from ncpipe.io.urls import expand_inputs, is_shard_name, redact
 
 log = logging.getLogger(__name__)
-
-_GLOB_CHARS = frozenset("*?[")
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ def training_sources(entries: Iterable[str]) -> list[TrainingSource]:
     for entry in entries:
         if is_shard_entry(entry):
             sources.extend(TrainingSource("shard", url) for url in expand_inputs([entry]))
-        elif _GLOB_CHARS & set(entry):
+        elif GLOB_CHARS & set(entry):
             sources.extend(_glob_sources(entry))
         else:
             sources.extend(_local_sources(Path(entry)))
@@ -78,7 +77,7 @@ def _local_sources(path: Path) -> list[TrainingSource]:
         return [TrainingSource("image", str(path))]
     if not path.is_dir():
         raise FileNotFoundError(f"training data {str(path)!r} is neither a file, a folder nor a shard URL/pattern")
-    images = [p for p in sorted(path.rglob("*")) if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
+    images = images_under(path)
     if images:
         return [TrainingSource("image", str(p)) for p in images]
     shards = [p for p in sorted(path.rglob("*")) if p.is_file() and is_shard_name(p.name)]
@@ -86,14 +85,6 @@ def _local_sources(path: Path) -> list[TrainingSource]:
         raise ValueError(f"training data folder {str(path)!r} holds no image and no shard")
     log.info("%s holds no image files; reading its %d shards", path, len(shards))
     return [TrainingSource("shard", str(p)) for p in shards]
-
-
-def list_image_files(roots: Iterable[str]) -> list[Path]:
-    """Image files under each local root (a file or a folder, searched recursively), sorted."""
-    files = [Path(s.location) for s in training_sources(roots) if s.kind == "image"]
-    if not files:
-        raise ValueError(f"no image files found under {list(roots)}")
-    return files
 
 
 def _decoded(source: TrainingSource) -> Iterator[np.ndarray]:
