@@ -98,8 +98,10 @@ def register_train(train_subparsers) -> None:
         "refiner",
         help="train an NC-Diffusion refiner (or the Gaussian-start baseline) for frozen codec checkpoints",
         description="Trains a conditional U-Net on the codec's real reconstructions x̂ of the training images "
-        "(bridge x_t = x0 + η(x̂ − x0), x0 target). Resumable: re-run with the same --run-dir. The released "
-        "refiner is <run-dir>/refiner.pt and only accepts the codecs it was trained for.",
+        "at every quality of a variable-rate codec (bridge x_t = x0 + η(x̂ − x0) with η drawn continuously, "
+        "x0 target, EMA of the weights). Trains in windows: --max-minutes ends one with the state saved, "
+        "re-running with the same --run-dir resumes, --init-from starts a new run from released weights. "
+        "<run-dir>/refiner.pt holds the best EMA weights so far and only accepts the codecs it was trained for.",
     )
     p.add_argument("--codec", action="append", required=True,
                    help="registry name or checkpoint path; repeat for several rate points of one architecture")
@@ -115,10 +117,16 @@ def register_train(train_subparsers) -> None:
     proc.add_argument("--eta-min", type=float, default=0.05)
     proc.add_argument("--eta-power", type=float, default=1.0)
     proc.add_argument("--train-schedule-steps", type=int, default=4,
-                      help="T: training draws η from the T-step schedule")
+                      help="T: with --train-levels discrete, training draws η from the T-step schedule")
+    proc.add_argument("--train-levels", choices=("continuous", "discrete"), default="continuous",
+                      help="continuous: η from the whole range of the schedule family, every K in distribution")
     proc.add_argument("--kappa", type=float, default=0.0, help="Gaussian term κ·sqrt(η)·ε of the bridge (0: none)")
     proc.add_argument("--parameterization", choices=("auto", "residual", "x0"), default="auto")
     proc.add_argument("--loss", choices=("l2", "l1"), default="l2")
+    proc.add_argument("--qualities", type=int_tuple, default=(),
+                      help="quality levels of a variable-rate codec to train on (default: all)")
+    proc.add_argument("--validation-crops", type=int, default=16,
+                      help="size of the fixed batch on which each save's EMA weights are scored")
     add_optimisation_options(p, cache_help="keep the codec-decoded training set here and reuse it across runs")
     p.set_defaults(handler=_train_refiner)
 
@@ -131,7 +139,8 @@ def train_refiner_config(args: argparse.Namespace):
         codecs=tuple(args.codec), process="gaussian" if args.baseline == "gaussian" else "bridge",
         latent_features=args.latent_features, rate_conditioning=args.rate_conditioning, schedule=args.schedule,
         eta_min=args.eta_min, eta_power=args.eta_power, train_schedule_steps=args.train_schedule_steps,
-        kappa=args.kappa, parameterization=args.parameterization, loss=args.loss, **train_options(args),
+        train_levels=args.train_levels, kappa=args.kappa, parameterization=args.parameterization, loss=args.loss,
+        qualities=tuple(args.qualities), validation_crops=args.validation_crops, **train_options(args),
     )
 
 
@@ -158,11 +167,15 @@ def add_run_options(p: argparse.ArgumentParser, released: str) -> None:
 
 def add_network_options(p: argparse.ArgumentParser, affm_help: str) -> argparse._ArgumentGroup:
     """The U-Net's size; returns the group, for the network's own options."""
+    from ncpipe.diffusion.unet import UNET_PRESETS
+
     net = p.add_argument_group("network")
-    net.add_argument("--base-channels", type=int, default=32)
-    net.add_argument("--channel-mults", type=int_tuple, default=(1, 2, 2))
-    net.add_argument("--blocks-per-level", type=int, default=1)
-    net.add_argument("--time-embed-dim", type=int, default=128)
+    net.add_argument("--preset", choices=sorted(UNET_PRESETS), default="small",
+                     help="a named U-Net size (default: small); the four flags below override its fields")
+    net.add_argument("--base-channels", type=int)
+    net.add_argument("--channel-mults", type=int_tuple)
+    net.add_argument("--blocks-per-level", type=int)
+    net.add_argument("--time-embed-dim", type=int)
     net.add_argument("--no-affm", action="store_true", help=affm_help)
     return net
 
@@ -178,6 +191,12 @@ def add_optimisation_options(p: argparse.ArgumentParser, cache_help: str) -> Non
     opt.add_argument("--max-images", type=int, default=0, help="use the first N training images (0: all)")
     opt.add_argument("--cache-dir", help=cache_help)
     opt.add_argument("--checkpoint-every", type=int, default=500)
+    opt.add_argument("--checkpoint-minutes", type=float, default=10.0, help="... and at least every this many minutes")
+    opt.add_argument("--max-minutes", type=float, help="end this training window after this much training time, "
+                     "saving the state (run again to resume)")
+    opt.add_argument("--init-from", metavar="CHECKPOINT", help="start a new run from released weights (refiner.pt, "
+                     "corrdiff.pt, a registry folder's file) or another run's --run-dir")
+    opt.add_argument("--ema-decay", type=float, default=0.999, help="the released weights are this EMA (0: raw)")
     opt.add_argument("--log-every", type=int, default=50)
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--device", default="auto")
@@ -187,10 +206,16 @@ def add_optimisation_options(p: argparse.ArgumentParser, cache_help: str) -> Non
 
 def train_options(args: argparse.Namespace) -> dict:
     """The ``DiffusionTrainOptions`` fields (and data, run_dir) of a diffusion trainer's command line."""
+    from ncpipe.diffusion.unet import UNET_PRESETS
+
+    size = UNET_PRESETS[args.preset]
+    sizes = {name: getattr(args, name) if getattr(args, name) is not None else getattr(size, name)
+             for name in ("base_channels", "channel_mults", "blocks_per_level", "time_embed_dim")}
     return dict(
-        data=tuple(args.data), run_dir=args.run_dir, base_channels=args.base_channels,
-        channel_mults=args.channel_mults, blocks_per_level=args.blocks_per_level, time_embed_dim=args.time_embed_dim,
-        affm=not args.no_affm, steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+        data=tuple(args.data), run_dir=args.run_dir, **sizes,
+        affm=not args.no_affm, steps=args.steps, checkpoint_minutes=args.checkpoint_minutes,
+        max_minutes=args.max_minutes, init_from=args.init_from, ema_decay=args.ema_decay,
+        batch_size=args.batch_size, crop=args.crop, lr=args.lr,
         warmup_steps=args.warmup_steps, lr_decay_at=args.lr_decay_at, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, seed=args.seed, device=args.device, amp=not args.no_amp, threads=args.threads,
         max_images=args.max_images, cache_dir=args.cache_dir,

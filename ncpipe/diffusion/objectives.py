@@ -7,7 +7,7 @@ A loss is then e.g. ``F.mse_loss(denoiser(batch.x_t, batch.t, cond), batch.targe
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,7 +33,26 @@ def bridge_training_batch(
     k = 0 is never drawn: there x_t = x0 and the sampler never queries the network.
     """
     steps = torch.randint(1, len(etas), (x0.shape[0],), generator=generator)
-    t = etas.cpu()[steps].to(device=x0.device, dtype=x0.dtype)
+    return bridge_batch_at(x0, x_hat, etas.cpu()[steps], generator, kappa)
+
+
+def continuous_bridge_training_batch(
+    x0: Tensor, x_hat: Tensor, eta_of: Callable[[Tensor], Tensor], generator: torch.Generator | None = None,
+    kappa: float = 0.0,
+) -> TrainingBatch:
+    """A level η = eta_of(u), u ~ U[0, 1] per image (e.g. ``schedules.continuous_eta``): every K in distribution.
+
+    η = 0 (u = 0 of a linear schedule) has probability zero; the loss there would be zero anyway.
+    """
+    u = torch.rand((x0.shape[0],), generator=generator, dtype=torch.float64)
+    return bridge_batch_at(x0, x_hat, eta_of(u), generator, kappa)
+
+
+def bridge_batch_at(
+    x0: Tensor, x_hat: Tensor, eta: Tensor, generator: torch.Generator | None = None, kappa: float = 0.0
+) -> TrainingBatch:
+    """The bridge batch at given levels η (B,): x_t = x0 + η(x̂ − x0) [+ κ sqrt(η) ε], t = η."""
+    t = eta.to(device=x0.device, dtype=x0.dtype)
     noise = _randn_like(x0, generator) if kappa > 0.0 else None
     return TrainingBatch(bridge_forward(x0, x_hat, t, noise, kappa), t, x0)
 

@@ -59,6 +59,26 @@ def eta_schedule(
     return torch.cat([k[:1], eta_min ** (1.0 - frac)])
 
 
+def continuous_eta(
+    u: Tensor, kind: EtaKind = "geometric", eta_min: float = 0.02, power: float = 1.0
+) -> Tensor:
+    """η at a continuous position u ∈ [0, 1] of the schedule family (float64, u's shape).
+
+    Its range holds every level any K-step sampler of that family queries: ``geometric``
+    η_min^(1 − u^power) ∈ [η_min, 1] (η_1 = η_min for every K >= 2, η_K = 1), ``linear`` u,
+    ``polynomial`` u^power. Training on u ~ U[0, 1] therefore puts every K in distribution, where
+    training on the T-step levels alone leaves the levels of any other K unseen.
+    """
+    u = torch.as_tensor(u, dtype=torch.float64)
+    if kind == "linear":
+        return u.clone()
+    if kind == "polynomial":
+        return u**power
+    if kind != "geometric":
+        raise ValueError(f"unknown eta schedule kind {kind!r}; use geometric, linear or polynomial")
+    return torch.as_tensor(eta_min, dtype=torch.float64) ** (1.0 - u**power)
+
+
 def _per_sample(values: Tensor | float, like: Tensor) -> Tensor:
     """A scalar or (B,) tensor -> (B, 1, 1, …) broadcastable against ``like`` (B, …)."""
     v = torch.as_tensor(values, dtype=like.dtype, device=like.device)

@@ -35,8 +35,16 @@ from ncpipe.diffusion.objectives import gaussian_training_batch
 from ncpipe.diffusion.refiner import TrainedCodec
 from ncpipe.diffusion.unet import to_model_range
 from ncpipe.models.registry import load_model
-from ncpipe.train.diffusion_state import DiffusionTrainOptions, RunState, provenance, release, resume_on, run_steps
-from ncpipe.train.refiner_trainer import AlignedCrops, decoded_training_set
+from ncpipe.train.diffusion_state import (
+    DiffusionTrainOptions,
+    RunState,
+    provenance,
+    release,
+    released_network,
+    resume_on,
+    run_steps,
+)
+from ncpipe.train.refiner_trainer import AlignedCrops, decoded_training_set, load_initial_weights
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +96,7 @@ def train_corrdiff(config: CorrDiffTrainConfig) -> Path:
         optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
         run = RunState(TRAIN_STATE_FORMAT, {"corrdiff_config": decoder.config.to_dict(),
                                             "codec": asdict(decoder.codec)}, "CorrDiff")
-        start = resume_on(decoder, optimizer, run_dir, run, device)
+        resumed = resume_on(decoder, optimizer, run_dir, run, device, config, load_initial_weights)
         images = config.training_images(config.data)
         started = time.perf_counter()
         pool = decoded_training_set(codec, images, config.cache_dir)
@@ -102,8 +110,9 @@ def train_corrdiff(config: CorrDiffTrainConfig) -> Path:
         codec_mse = F.mse_loss(to_model_range(x_hat), to_model_range(x0)).item()
         return corrdiff_loss(decoder, x0, y_hat, generator, amp_dtype), {"codec_mse": codec_mse}
 
-    crops = AlignedCrops([pool], config.crop, config.seed + start)
-    last_loss = run_steps(decoder, optimizer, crops, config, run_dir, run, device, start, batch_loss)
+    crops = AlignedCrops([pool], config.crop, config.seed + resumed.step)
+    last_loss = run_steps(decoder, optimizer, crops, config, run_dir, run, device, resumed, batch_loss)
     record = provenance(config, device, len(pool), last_loss, yhat_source=YHAT_SOURCE, objective=OBJECTIVE,
-                        phase="2 of 2: diffusion decoder on the frozen phase-1 codec's latents")
-    return release(decoder, run_dir / CORRDIFF_FILE, record, save_corrdiff, "CorrDiff")
+                        phase="2 of 2: diffusion decoder on the frozen phase-1 codec's latents",
+                        weights="EMA" if resumed.ema is not None else "raw")
+    return release(released_network(decoder, resumed), run_dir / CORRDIFF_FILE, record, save_corrdiff, "CorrDiff")

@@ -3,16 +3,21 @@ learning-rate schedule, the step loop, and the resumable state (save, restore, r
 
 ::
 
-    restore(run_dir) ─> start ─> for step in start..steps: lr(step) ─ batch ─ loss ─ clip ─ Adam ─ log
-                                   every checkpoint_every steps: save(run_dir)   (atomic)
-                          ─> release(<run_dir>/<file>.pt with provenance)
+    restore(run_dir) or init_from ─> start ─> for step in start..steps: lr(step) ─ batch ─ loss ─ clip ─ Adam
+                                                 ─ EMA update ─ log
+              every checkpoint_every steps / checkpoint_minutes, at the end, at max_minutes, on Ctrl-C:
+                  [release_best(EMA weights): validate, release when better] ─ save(run_dir) (atomic)
 
-A run directory holds one job: its state names the job's format and the network's identity
-(config and codecs), and a resume with anything else is refused rather than mixed.
+Training comes in windows, as the codec's (``ncpipe.train.codec_trainer``): ``max_minutes`` ends one
+cleanly, a re-run with the same ``run_dir`` resumes it (weights, optimizer, EMA, best loss), and a new
+``run_dir`` continues from released weights with ``init_from``. A run directory holds one job: its
+state names the job's format and the network's identity (config and codecs), and a resume with
+anything else is refused rather than mixed.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import platform
@@ -29,7 +34,8 @@ from ncpipe.device import autocast_dtype
 from ncpipe.diffusion.refiner import jsonable
 from ncpipe.diffusion.unet import UNetConfig
 from ncpipe.train.data import load_training_images
-from ncpipe.train.loop import ProgressLog, load_state, save_state, step_learning_rate
+from ncpipe.train.ema import EmaWeights
+from ncpipe.train.loop import ProgressLog, StopRequest, load_state, save_state, step_learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +68,20 @@ class DiffusionTrainOptions:
     threads: int = 0
     max_images: int = 0  # 0 = every training image
     cache_dir: str | None = None  # the codec-decoded training set, shared by runs of the same codec
+    ema_decay: float = 0.999  # the released weights are this EMA of the training weights (0: the raw weights)
+    checkpoint_minutes: float = 10.0  # save (and release when better) at least this often
+    max_minutes: float | None = None  # end this training window after this much time, saving the state
+    init_from: str | None = None  # a new run starts from these released weights (or a run_dir's state)
 
     def __post_init__(self) -> None:
         if self.crop % LATENT_STRIDE or self.crop < LATENT_STRIDE:
             raise ValueError(f"crop must be a positive multiple of the latent stride {LATENT_STRIDE}, got {self.crop}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.checkpoint_minutes <= 0 or (self.max_minutes is not None and self.max_minutes <= 0):
+            raise ValueError("checkpoint_minutes and max_minutes must be positive")
 
     def unet_config(self) -> UNetConfig:
         """The U-Net these options describe (channels and conditioning are set by the network's config)."""
@@ -100,11 +114,21 @@ def learning_rate(step: int, options: DiffusionTrainOptions) -> float:
     return warmup * step_learning_rate(step, options.steps, options.lr, options.lr_decay_at)
 
 
-def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, run_dir: Path, state_spec: RunState) -> int:
-    """Load the run's state into ``model`` and ``optimizer``; returns the step to continue from (0: fresh)."""
+@dataclass
+class Resumed:
+    """Where a run continues: its step, its weight average, and the best validation loss released so far."""
+
+    step: int
+    ema: EmaWeights | None
+    best_validation: float = math.inf
+
+
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, run_dir: Path,
+            state_spec: RunState) -> dict[str, Any] | None:
+    """Load the run's state into ``model`` and ``optimizer``; returns the state (None: a fresh run)."""
     state = load_state(run_dir)
     if state is None:
-        return 0
+        return None
     if state.get("format") != state_spec.format:
         raise ValueError(f"{run_dir} holds another job's training state; use a fresh --run-dir")
     if any(state.get(key) != value for key, value in state_spec.identity.items()):
@@ -115,26 +139,40 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, run_dir: P
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     log.info("resuming %s at step %d", run_dir, state["step"])
-    return int(state["step"])
+    return state
 
 
 def resume_on(model: torch.nn.Module, optimizer: torch.optim.Optimizer, run_dir: Path, state_spec: RunState,
-              device: torch.device) -> int:
-    """``restore``, then model and optimizer state on ``device``, in training mode; returns the start step."""
-    start = restore(model, optimizer, run_dir, state_spec)
+              device: torch.device, options: DiffusionTrainOptions,
+              load_initial: Callable[[torch.nn.Module, str], None] | None = None) -> Resumed:
+    """``restore`` (or, for a new run, ``load_initial(model, options.init_from)``), then the model, its
+    weight average and the optimizer state on ``device``, in training mode."""
+    state = restore(model, optimizer, run_dir, state_spec)
+    if state is None and options.init_from:
+        if load_initial is None:
+            raise ValueError(f"{state_spec.label} training cannot start from init_from weights")
+        load_initial(model, options.init_from)
+        log.info("initialised from %s", options.init_from)
     model.to(device).train()
     for values in optimizer.state.values():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
                 values[key] = value.to(device)
+    ema = EmaWeights(model, options.ema_decay) if options.ema_decay > 0 else None
+    resumed = Resumed(0, ema)
+    if state is not None:
+        resumed.step = int(state["step"])
+        resumed.best_validation = float(state.get("best_validation", math.inf))
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"], device)
     log.info("%s: %d parameters on %s from step %d", state_spec.label, sum(p.numel() for p in model.parameters()),
-             device, start)
-    return start
+             device, resumed.step)
+    return resumed
 
 
 def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, run_dir: Path, state_spec: RunState,
-         options: DiffusionTrainOptions, step: int) -> None:
-    """Write the run's state atomically."""
+         options: DiffusionTrainOptions, step: int, resumed: Resumed | None = None) -> None:
+    """Write the run's state atomically (with its weight average and best validation loss)."""
     state = {
         "format": state_spec.format,
         "config": jsonable(asdict(options)),
@@ -143,29 +181,71 @@ def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, run_dir: Path
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
     }
+    if resumed is not None:
+        state["best_validation"] = resumed.best_validation
+        if resumed.ema is not None:
+            state["ema"] = resumed.ema.state_dict()
     log.info("saved %s at step %d", save_state(run_dir, state), step)
 
 
+def released_network(model: torch.nn.Module, resumed: Resumed) -> torch.nn.Module:
+    """A CPU copy of what a run releases: the weight average, or the raw weights when there is none."""
+    return resumed.ema.averaged(model) if resumed.ema is not None else copy.deepcopy(model).cpu()
+
+
+# (released network (a CPU copy), step, best validation so far) -> the new best validation loss
+ReleaseBest = Callable[[torch.nn.Module, int, float], float]
+
+
 def run_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, crops, options: DiffusionTrainOptions,
-              run_dir: Path, state_spec: RunState, device: torch.device, start: int, batch_loss: BatchLoss) -> float:
-    """Steps ``start`` to ``options.steps`` of Adam on ``batch_loss``; returns the last batch's loss."""
+              run_dir: Path, state_spec: RunState, device: torch.device, resumed: Resumed, batch_loss: BatchLoss,
+              release_best: ReleaseBest | None = None) -> float:
+    """Steps ``resumed.step`` to ``options.steps`` of Adam on ``batch_loss``, updating the weight average;
+    returns the last batch's loss.
+
+    A training window ends at ``options.steps``, after ``max_minutes`` or on Ctrl-C/SIGTERM, always
+    with the state saved. At every save ``release_best`` may validate and release the averaged weights.
+    """
+    start = resumed.step
     generator = torch.Generator().manual_seed(options.seed * 1_000_003 + start)
     amp_dtype = autocast_dtype(device, options.amp)
     progress, last_loss = ProgressLog(options.steps, options.log_every), math.nan
-    for step in range(start, options.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, options)
-        batch = tuple(t.to(device, non_blocking=True) for t in crops.batch(options.batch_size))
-        loss, logged = batch_loss(batch, generator, amp_dtype)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
-        optimizer.step()
-        last_loss = loss.item()
-        progress.add(step, loss=last_loss, **logged)
-        if (step + 1) % options.checkpoint_every == 0 or step + 1 == options.steps:
-            save(model, optimizer, run_dir, state_spec, options, step + 1)
+    started = saved_at = time.monotonic()
+    with StopRequest() as stop:
+        for step in range(start, options.steps):
+            last_loss = _one_step(model, optimizer, crops, options, device, step, batch_loss, generator, amp_dtype,
+                                  progress)
+            if resumed.ema is not None:
+                resumed.ema.update(model)
+            now = time.monotonic()
+            out_of_time = options.max_minutes is not None and now - started >= 60 * options.max_minutes
+            if ((step + 1) % options.checkpoint_every == 0 or step + 1 == options.steps or out_of_time
+                    or stop.requested or now - saved_at >= 60 * options.checkpoint_minutes):
+                if release_best is not None:
+                    resumed.best_validation = release_best(released_network(model, resumed), step + 1,
+                                                           resumed.best_validation)
+                save(model, optimizer, run_dir, state_spec, options, step + 1, resumed)
+                saved_at = time.monotonic()
+            if out_of_time or stop.requested:
+                why = f"max_minutes {options.max_minutes:g} reached" if out_of_time else "interrupted"
+                log.info("stopping at step %d of %d (%s): the state is saved; run again to resume",
+                         step + 1, options.steps, why)
+                break
     return last_loss
+
+
+def _one_step(model, optimizer, crops, options: DiffusionTrainOptions, device, step: int, batch_loss: BatchLoss,
+              generator, amp_dtype, progress: ProgressLog) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, options)
+    batch = tuple(t.to(device, non_blocking=True) for t in crops.batch(options.batch_size))
+    loss, logged = batch_loss(batch, generator, amp_dtype)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
+    optimizer.step()
+    progress.add(step, loss=loss.item(), **logged)
+    return loss.item()
 
 
 def provenance(options: DiffusionTrainOptions, device: torch.device, images: int, last_loss: float,

@@ -97,3 +97,27 @@ def test_ddim_step_keeps_marginal_with_true_x0() -> None:
     t, s = torch.full((2,), 0.7), torch.full((2,), 0.3)
     stepped = ddim_step(gaussian_forward(x0, t, eps), x0, cosine_alpha_bar(t), cosine_alpha_bar(s))
     assert torch.allclose(stepped, gaussian_forward(x0, s, eps), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,kwargs", KINDS)
+def test_continuous_levels_cover_every_samplers_levels(kind: str, kwargs: dict) -> None:
+    """Every level a K-step sampler queries (η_1..η_K) lies in the continuous family's range, and a
+    continuous draw reaches levels that no 4-step schedule holds."""
+    from ncpipe.diffusion.objectives import continuous_bridge_training_batch
+    from ncpipe.diffusion.schedules import continuous_eta
+
+    grid = continuous_eta(torch.linspace(0.0, 1.0, 10_001), kind, **kwargs)
+    assert bool((grid[1:] >= grid[:-1]).all()) and float(grid[-1]) == pytest.approx(1.0)
+    for k in (1, 2, 3, 4, 8):
+        levels = eta_schedule(k, kind, **kwargs)[1:]
+        assert float(levels.min()) >= float(grid.min()) - 1e-12 and float(levels.max()) <= 1.0 + 1e-12
+        gaps = (levels[:, None] - grid[None]).abs().min(dim=1).values
+        assert float(gaps.max()) < 1e-3  # the continuous grid passes next to every sampler level
+
+    x0, x_hat = torch.zeros(64, 1, 2, 2), torch.ones(64, 1, 2, 2)
+    batch = continuous_bridge_training_batch(
+        x0, x_hat, lambda u: continuous_eta(u, kind, **kwargs), torch.Generator().manual_seed(0))
+    assert torch.equal(batch.x_t[:, 0, 0, 0], batch.t)  # x_t = x0 + η(x̂ − x0) with x0 = 0, x̂ = 1
+    four_step = eta_schedule(4, kind, **kwargs).float()
+    unseen = (batch.t[:, None] - four_step[None]).abs().min(dim=1).values > 1e-4
+    assert int(unseen.sum()) > 32

@@ -135,3 +135,91 @@ def test_rates_of_several_codecs_are_mixed(codec: LearnedCodec) -> None:
     rates = AlignedCrops([pool_a, pool_b], 32, seed=0).batch(40)[3]
     expected = torch.tensor([codec.model.identity.rate, 0.05], dtype=torch.float32)
     assert torch.equal(torch.unique(rates), expected.sort().values)
+
+
+def test_ema_warms_up_and_averages() -> None:
+    from ncpipe.train.ema import EmaWeights
+
+    net = torch.nn.Linear(2, 1)
+    ema = EmaWeights(net, decay=0.9)
+    start = net.weight.detach().clone()
+    assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0): the first update mostly copies
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)
+    assert torch.allclose(ema.shadow["weight"], start + 0.9)
+    averaged = ema.averaged(net)
+    assert torch.allclose(averaged.weight, start + 0.9) and torch.equal(net.weight, start + 1.0)
+    restored = EmaWeights(net, decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 1 and torch.equal(restored.shadow["weight"], ema.shadow["weight"])
+
+
+def test_unet_presets_and_the_base_size() -> None:
+    """The named base size is a 3-10 M parameter refiner (with ŷ and log λ conditioning of a 128-channel codec)."""
+    import dataclasses
+
+    from ncpipe.diffusion.unet import UNET_PRESETS
+
+    base = RefinerTrainConfig(codecs=("a",), data=(), run_dir="r", latent_features=8, rate_conditioning=True,
+                              **dataclasses.asdict(UNET_PRESETS["base"]))
+    refiner = Refiner(base.refiner_config(128))
+    assert 3_000_000 <= sum(p.numel() for p in refiner.parameters()) <= 10_000_000
+    assert sum(1 for m in refiner.modules() if type(m).__name__ == "AFFM") == 3
+
+
+def test_windows_release_the_best_ema_weights_and_continue(tiny_vbr_model_path: Path, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Every quality of a variable-rate codec; a window ends at max_minutes with the state saved and the
+    best EMA weights released; the same run_dir resumes; a new run starts from the released weights."""
+    from tests.conftest import TINY_VBR_LAMBDAS
+
+    caplog.set_level(logging.INFO)
+    config = RefinerTrainConfig(codecs=(str(tiny_vbr_model_path),), data=TRAIN_IMAGES, run_dir=str(tmp_path / "a"),
+                                steps=50, checkpoint_every=100, max_minutes=1e-6, rate_conditioning=True,
+                                validation_crops=2, **TINY)
+    path = train_refiner(config)
+    state = load_state(tmp_path / "a")
+    assert state["step"] == 1 and "max_minutes" in caplog.text  # the window ended after its first step
+    released = load_refiner(path)
+    assert released.provenance["weights"] == "EMA" and released.provenance["released_at_step"] == 1
+    assert released.provenance["rates"] == pytest.approx(sorted(TINY_VBR_LAMBDAS), rel=1e-6)
+    assert released.provenance["validation_loss"] == pytest.approx(state["best_validation"])
+    ema = {k: v for k, v in state["ema"]["shadow"].items()}
+    assert all(torch.equal(released.state_dict()[k], ema[k]) for k in ema)  # EMA weights, not the raw ones
+    assert not all(torch.equal(state["model"][k], ema[k]) for k in ema)
+
+    train_refiner(RefinerTrainConfig(**{**config.__dict__, "max_minutes": None, "steps": 3}))
+    assert load_state(tmp_path / "a")["step"] == 3
+
+    follow = RefinerTrainConfig(**{**config.__dict__, "run_dir": str(tmp_path / "b"), "init_from": str(path),
+                                   "steps": 1, "lr": 1e-12, "warmup_steps": 0})
+    (tmp_path / "b").mkdir()
+    continued = load_refiner(train_refiner(follow))
+    start = load_refiner(path)
+    assert "initialised from" in caplog.text
+    assert all(torch.allclose(continued.state_dict()[k], v, atol=1e-6) for k, v in start.state_dict().items())
+
+
+def test_init_from_refuses_another_size(tmp_path: Path, tiny_model_path: Path) -> None:
+    from ncpipe.config import ConfigError
+    from ncpipe.train.refiner_trainer import load_initial_weights
+
+    other = Refiner(RefinerTrainConfig(codecs=("a",), data=(), run_dir="r", base_channels=16).refiner_config(24))
+    torch.save({"format": "x", "state_dict": other.state_dict()}, tmp_path / "other.pt")
+    mine = Refiner(RefinerTrainConfig(codecs=("a",), data=(), run_dir="r", **TINY).refiner_config(24))
+    with pytest.raises(ConfigError, match="another network"):
+        load_initial_weights(mine, str(tmp_path / "other.pt"))
+
+
+def test_command_line_presets_windows_and_qualities() -> None:
+    parser = argparse.ArgumentParser()
+    register_train(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["refiner", "--codec", "a", "--data", "imgs", "--run-dir", "r", "--preset", "base",
+                              "--blocks-per-level", "1", "--max-minutes", "30", "--init-from", "x.pt",
+                              "--qualities", "1,8", "--crop", "256", "--ema-decay", "0.99"])
+    config = train_refiner_config(args)
+    assert (config.base_channels, config.channel_mults, config.blocks_per_level) == (48, (1, 2, 4, 4), 1)
+    assert config.max_minutes == 30 and config.init_from == "x.pt" and config.qualities == (1, 8)
+    assert config.train_levels == "continuous" and config.ema_decay == 0.99
+    assert config.refiner_config(128).train_levels == "continuous"
