@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -42,16 +41,17 @@ from torch import Tensor, nn
 
 from ncpipe.bitstream import LATENT_STRIDE
 from ncpipe.diffusion.guidance import GuidanceConfig, SampleGuidance
-from ncpipe.diffusion.samplers import Denoise, Guidance, sample_bridge, sample_ddim, seeded_noise
 from ncpipe.diffusion.objectives import (
     TrainingBatch,
     bridge_training_batch,
     continuous_bridge_training_batch,
     gaussian_training_batch,
 )
+from ncpipe.diffusion.samplers import Denoise, Guidance, sample_bridge, sample_ddim, seeded_noise
 from ncpipe.diffusion.schedules import EtaKind, bridge_step, continuous_eta, ddim_timesteps, eta_schedule
 from ncpipe.diffusion.unet import Denoiser, Parameterization, UNet, UNetConfig, to_model_range
 from ncpipe.errors import NcpipeError
+from ncpipe.models.checkpoint import save_torch
 from ncpipe.models.registry import resolve_model
 
 REFINER_FORMAT = "ncpipe-refiner/1"
@@ -407,11 +407,7 @@ def refiner_digest(checkpoint: dict[str, Any]) -> str:
 
 def write_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> str:
     """Save atomically (temp + rename); returns the checkpoint's ``refiner_digest``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    save_torch(checkpoint, path)
     return refiner_digest(checkpoint)
 
 

@@ -8,14 +8,16 @@ Agg canvas, never pyplot, so nothing global changes and it is safe in workers.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from ncpipe.io.storage import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,7 @@ def _label(column: str) -> str:
 
 def _save(figure: Figure, path: Path) -> Path:
     # Write beside the target, then rename, so a killed run never leaves a truncated PNG.
-    partial = path.with_name(f".{path.name}.partial")
-    figure.savefig(partial, format="png")
-    os.replace(partial, path)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    write_bytes_atomic(str(path), buffer.getvalue())
     return path

@@ -25,8 +25,8 @@ bitstream whose digest differs from the loaded model's.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +37,7 @@ import torch
 from ncpipe.entropy.integer_net import IntegerHyperSynthesis, choose_weight_frac_bits, to_fixed
 from ncpipe.entropy.tables import CdfTables, TableError
 from ncpipe.errors import NcpipeError
+from ncpipe.io.storage import write_bytes_atomic
 from ncpipe.models.architectures import HyperpriorAdapter, architecture
 
 CHECKPOINT_FORMAT = "ncpipe-codec/2"
@@ -131,13 +132,16 @@ def _hparams_of(adapter: HyperpriorAdapter) -> dict[str, int]:
     return {"N": adapter.hyper_channels, "M": adapter.latent_channels}
 
 
+def save_torch(obj: Any, path: str | Path) -> None:
+    """``torch.save`` whose file appears whole or not at all (ncpipe.io.storage's atomic write)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomic(str(path), buffer.getvalue())
+
+
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> str:
     """Save atomically; returns the model digest."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    save_torch(checkpoint, path)
     return model_digest(checkpoint)
 
 

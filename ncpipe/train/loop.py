@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ncpipe.io.storage import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,7 @@ def save_state(run_dir: Path, state: dict[str, Any], part_mib: int | None = None
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(str(path), data)
     return path
 
 
