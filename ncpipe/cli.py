@@ -17,10 +17,12 @@ from ncpipe.config import (
     DEFAULT_MODEL,
     ClusterConfig,
     CompressConfig,
+    ConfigError,
     DecompressConfig,
     RecompressConfig,
 )
 from ncpipe.errors import NcpipeError
+from ncpipe.exit_status import EXIT_INTERRUPTED, EXIT_USAGE, add_allow_errors, job_exit_status
 from ncpipe.images import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("ncpipe")
@@ -75,6 +77,7 @@ def _add_compress(sub) -> None:
                           "decoder's)")
     corrdiff.add_argument("--corrdiff-bits", type=int, help="bits per coefficient b (default: the decoder's)")
     _add_cluster_options(p)
+    add_allow_errors(p)
     p.set_defaults(handler=_compress)
 
 
@@ -89,7 +92,7 @@ def _compress(args: argparse.Namespace) -> int:
     )
     summary = run_compress(config)
     print(summary.text())
-    return 0 if summary.complete else 1
+    return job_exit_status(summary, args.allow_errors)
 
 
 def _add_decompress(sub) -> None:
@@ -125,6 +128,7 @@ def _add_decompress(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="clear the output location first")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse bitstreams declaring more pixels")
     _add_cluster_options(p)
+    add_allow_errors(p)
     p.set_defaults(handler=_decompress)
 
 
@@ -139,7 +143,7 @@ def _decompress(args: argparse.Namespace) -> int:
     )
     summary = run_decompress(config)
     print(summary.text())
-    return 0 if summary.complete else 1
+    return job_exit_status(summary, args.allow_errors)
 
 
 def _add_recompress(sub) -> None:
@@ -168,6 +172,7 @@ def _add_recompress(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     _add_cluster_options(p)
+    add_allow_errors(p)
     p.set_defaults(handler=_recompress)
 
 
@@ -181,7 +186,7 @@ def _recompress(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, device=args.device, cluster=_cluster(args),
     ))
     print(summary.text())
-    return 0 if summary.complete else 1
+    return job_exit_status(summary, args.allow_errors)
 
 
 def _add_demo(sub) -> None:
@@ -205,7 +210,42 @@ def _demo(args: argparse.Namespace) -> int:
     print("== decompress ==")
     print(restore.text())
     print(f"\nmanifest:  {archive}/g0000/manifest/*.parquet\nrestored:  {restored}/*.tar")
-    return 0 if compressed.complete and restore.complete else 1
+    return max(job_exit_status(compressed), job_exit_status(restore))
+
+
+def _add_manifest(sub) -> None:
+    p = sub.add_parser(
+        "manifest", help="the current generation's manifest of an archive, as CSV or Parquet",
+        description="Reads every manifest part of the generation CURRENT names (one row per input sample; "
+        "earlier generations are left out, so no sample counts twice) and writes it to --output (.parquet or "
+        ".csv) or as CSV to stdout. --schema lists the columns with their units and meanings. In Python: "
+        "ncpipe.api.open_archive(ARCHIVE).manifest().",
+    )
+    p.add_argument("archive", nargs="?", help="the archive root (holding CURRENT); local path or URL")
+    p.add_argument("-o", "--output", help="write to this file: .parquet or .csv (default: CSV to stdout)")
+    p.add_argument("--columns", help="comma-separated columns to keep (default: all)")
+    p.add_argument("--schema", action="store_true", help="list the columns, their units and meanings, and exit")
+    p.set_defaults(handler=_manifest)
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from ncpipe.api import open_archive
+    from ncpipe.manifest import MANIFEST_SCHEMA, describe_schema, write_table
+
+    if args.schema:
+        print(describe_schema(MANIFEST_SCHEMA))
+        return 0
+    if not args.archive:
+        raise ConfigError("give the archive: ncpipe manifest ARCHIVE")
+    archive = open_archive(args.archive)
+    columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
+    unknown = sorted(set(columns or ()) - set(MANIFEST_SCHEMA.names))
+    if unknown:
+        raise ConfigError(f"--columns: no column {', '.join(unknown)}; see `ncpipe manifest --schema ARCHIVE`")
+    table = archive.manifest(columns)
+    log.info("%s: generation %s, %d rows", args.archive, archive.generation, table.num_rows)
+    write_table(table, args.output or sys.stdout.buffer)
+    return 0
 
 
 def _add_models(sub) -> None:
@@ -255,7 +295,8 @@ COMMAND_MODULES = (
     "ncpipe.diffusion.commands",
     "ncpipe.diffusion.corrdiff_commands",
 )
-CORE_COMMANDS: Sequence[Callable] = (_add_compress, _add_decompress, _add_recompress, _add_demo, _add_models)
+CORE_COMMANDS: Sequence[Callable] = (_add_compress, _add_decompress, _add_recompress, _add_demo, _add_manifest,
+                                     _add_models)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         "restore them, train and evaluate the models.",
     )
     parser.add_argument("--version", action="version", version=f"ncpipe {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks of errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in CORE_COMMANDS:
@@ -285,8 +326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (NcpipeError, FileNotFoundError) as err:
-        log.error("%s", err)
-        return 2
+        # What the user can act on: one line (the message says what to do); the traceback only with -v.
+        log.error("%s", err, exc_info=args.verbose)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        log.error("interrupted; re-running the same command resumes")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

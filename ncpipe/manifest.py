@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,74 +21,94 @@ from ncpipe.io.storage import atomic_writer, list_files, read_bytes
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+LEGACY_COLUMNS = {"rd_lambda": "rate"}  # current name -> the name parts written before it had
 
 
-def _arrow(type_: pa.DataType, doc: str = "") -> dict[str, Any]:
-    return {"arrow": type_, "doc": doc}
+def _arrow(type_: pa.DataType, doc: str = "", unit: str = "") -> dict[str, Any]:
+    return {"arrow": type_, "doc": doc, "unit": unit}
+
+
+def _doc(doc: str, unit: str = "") -> dict[str, Any]:
+    """A column's meaning and unit, written into the Parquet field metadata (``description``, ``unit``)."""
+    return {"doc": doc, "unit": unit}
 
 
 @dataclass
 class ManifestRow:
     """One input sample of a compress job. The Parquet schema is derived from these fields."""
 
-    job_id: str
-    source_url: str
+    job_id: str = field(metadata=_doc("the job that wrote the row (its job.json)"))
+    source_url: str = field(metadata=_doc("the input shard (credentials redacted)"))
     sample_index: int = field(metadata=_arrow(pa.int32(), "position in the input shard; -1: shard-level error"))
-    key: str
+    key: str = field(metadata=_doc("the sample's key: its members' names up to the first '.'"))
     member: str | None = field(default=None, metadata=_arrow(pa.string(), "the image member coded (or that failed)"))
-    source_format: str | None = None  # JPEG, PNG, ...
-    source_mode: str | None = None  # RGB, L, P, ...
-    source_bytes: int | None = None
-    width: int | None = field(default=None, metadata=_arrow(pa.int32()))
-    height: int | None = field(default=None, metadata=_arrow(pa.int32()))
-    compressed_bytes: int | None = None  # the whole .ncb bitstream, container included
-    bpp: float | None = None
-    psnr: float | None = None  # dB, on 8-bit RGB
-    ms_ssim: float | None = None
-    model_id: str | None = None  # registry name, or the checkpoint path
-    model_sha256: str | None = None
-    rate: float | None = None  # the rate parameter λ the sample was coded at (its quality level's)
+    source_format: str | None = field(default=None, metadata=_doc("format of the image member: JPEG, PNG, ..."))
+    source_mode: str | None = field(default=None, metadata=_doc("PIL mode of the source image: RGB, L, P, ..."))
+    source_bytes: int | None = field(default=None, metadata=_doc("size of the image member", "bytes"))
+    width: int | None = field(default=None, metadata=_arrow(pa.int32(), "image width", "pixels"))
+    height: int | None = field(default=None, metadata=_arrow(pa.int32(), "image height", "pixels"))
+    compressed_bytes: int | None = field(
+        default=None, metadata=_doc("the whole .ncb bitstream, container included", "bytes"))
+    bpp: float | None = field(
+        default=None, metadata=_doc("8 x compressed_bytes / (width x height)", "bits per pixel"))
+    psnr: float | None = field(
+        default=None, metadata=_doc("PSNR of the codec's reconstruction against the source, on 8-bit RGB", "dB"))
+    ms_ssim: float | None = field(
+        default=None, metadata=_doc("MS-SSIM of the reconstruction against the source, 0..1 (1: identical)"))
+    model_id: str | None = field(default=None, metadata=_doc("the model as given: registry name or checkpoint path"))
+    model_sha256: str | None = field(default=None, metadata=_doc("SHA-256 of the model that wrote the bitstream"))
+    rd_lambda: float | None = field(default=None, metadata=_doc(
+        "the rate-distortion weight lambda the model was trained with (at the sample's quality level); "
+        f"older manifests call it {LEGACY_COLUMNS['rd_lambda']!r}"))
     quality: int | None = field(
         default=None, metadata=_arrow(pa.int16(), "quality level of a variable-rate model; 0: fixed-rate model"))
-    encode_seconds: float | None = None  # amortised share of device time + entropy coding
-    status: str = STATUS_OK
-    error: str | None = None
-    passthrough: bool = False  # the original members were stored unchanged
-    carried_members: list[str] = field(default_factory=list)
-    output_shard: str | None = None
-    generation: str | None = None  # the archive generation this row belongs to
+    encode_seconds: float | None = field(
+        default=None, metadata=_doc("the sample's share of device time and entropy coding", "seconds"))
+    status: str = field(default=STATUS_OK, metadata=_doc("ok, or error (then 'error' says why)"))
+    error: str | None = field(default=None, metadata=_doc("why the sample could not be coded"))
+    passthrough: bool = field(default=False, metadata=_doc("the original members were stored unchanged"))
+    carried_members: list[str] = field(
+        default_factory=list, metadata=_doc("members written to the output shard byte for byte"))
+    output_shard: str | None = field(default=None, metadata=_doc("the bitstream shard holding the sample"))
+    generation: str | None = field(default=None, metadata=_doc("the archive generation this row belongs to"))
     # Lineage, set when recompression re-encoded the sample:
-    previous_model_sha256: str | None = None
-    previous_compressed_bytes: int | None = None
-    recompress_source: str | None = None  # "original" (re-encoded) or "transcoded" (from the old bitstream)
-    psnr_vs_previous: float | None = None  # transcoded: generation loss against the previous reconstruction
+    previous_model_sha256: str | None = field(
+        default=None, metadata=_doc("recompressed: SHA-256 of the model of the previous generation's bitstream"))
+    previous_compressed_bytes: int | None = field(
+        default=None, metadata=_doc("recompressed: the previous generation's bitstream size", "bytes"))
+    recompress_source: str | None = field(default=None, metadata=_doc(
+        "recompressed: original (re-encoded from the source image) or transcoded (from the old bitstream)"))
+    psnr_vs_previous: float | None = field(default=None, metadata=_doc(
+        "transcoded: PSNR against the previous generation's reconstruction (the generation loss)", "dB"))
     # CorrDiff, set when the encoder wrote correction coefficients into the bitstream:
-    corrdiff_sha256: str | None = None  # the CorrDiff decoder they were computed for
-    corrdiff_bytes: int | None = field(
-        default=None, metadata=_arrow(pa.int32(), "bytes of the coefficient extension (counted in compressed_bytes)"))
+    corrdiff_sha256: str | None = field(
+        default=None, metadata=_doc("the CorrDiff decoder the bitstream's correction coefficients are for"))
+    corrdiff_bytes: int | None = field(default=None, metadata=_arrow(
+        pa.int32(), "size of the coefficient extension (counted in compressed_bytes)", "bytes"))
 
 
 @dataclass
 class RestoreRow:
     """One sample of a decompress job."""
 
-    job_id: str
-    source_url: str
-    sample_index: int = field(metadata=_arrow(pa.int32()))
-    key: str
-    member: str | None = None  # the .ncb member decoded
-    output: str | None = None  # where the restored image (or the unchanged sample) went
-    width: int | None = field(default=None, metadata=_arrow(pa.int32()))
-    height: int | None = field(default=None, metadata=_arrow(pa.int32()))
-    model_sha256: str | None = None
-    decode_seconds: float | None = None  # entropy decoding + synthesis (+ refinement) share
-    status: str = STATUS_OK
-    error: str | None = None
-    refiner_sha256: str | None = None  # the diffusion refiner applied, if any
-    refine_steps: int | None = field(default=None, metadata=_arrow(pa.int32()))
-    guidance: float | None = None  # zero-shot guidance strength S, if any
-    corrdiff_sha256: str | None = None  # the CorrDiff decoder that decoded the sample, if any
-    perception: float | None = None  # CorrDiff's knob p it was decoded at
+    job_id: str = field(metadata=_doc("the restore job that wrote the row"))
+    source_url: str = field(metadata=_doc("the bitstream shard read (credentials redacted)"))
+    sample_index: int = field(metadata=_arrow(pa.int32(), "position in the bitstream shard; -1: shard-level error"))
+    key: str = field(metadata=_doc("the sample's key"))
+    member: str | None = field(default=None, metadata=_doc("the .ncb member decoded"))
+    output: str | None = field(default=None, metadata=_doc("where the restored image (or the unchanged sample) went"))
+    width: int | None = field(default=None, metadata=_arrow(pa.int32(), "image width", "pixels"))
+    height: int | None = field(default=None, metadata=_arrow(pa.int32(), "image height", "pixels"))
+    model_sha256: str | None = field(default=None, metadata=_doc("SHA-256 of the model that decoded the bitstream"))
+    decode_seconds: float | None = field(default=None, metadata=_doc(
+        "the sample's share of entropy decoding, synthesis and refinement", "seconds"))
+    status: str = field(default=STATUS_OK, metadata=_doc("ok, or error (then 'error' says why)"))
+    error: str | None = field(default=None, metadata=_doc("why the sample was not restored as asked"))
+    refiner_sha256: str | None = field(default=None, metadata=_doc("the NC-Diffusion refiner applied, if any"))
+    refine_steps: int | None = field(default=None, metadata=_arrow(pa.int32(), "refiner sampler steps K"))
+    guidance: float | None = field(default=None, metadata=_doc("zero-shot guidance strength S, if any"))
+    corrdiff_sha256: str | None = field(default=None, metadata=_doc("the CorrDiff decoder that decoded it, if any"))
+    perception: float | None = field(default=None, metadata=_doc("CorrDiff's knob p it was decoded at, 0..1"))
 
 
 _PYTHON_TO_ARROW = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(),
@@ -102,8 +122,21 @@ def arrow_schema(row_type: type) -> pa.Schema:
         hint = str(f.type)
         nullable = hint.endswith("| None")
         base = hint.removesuffix(" | None")
-        columns.append(pa.field(f.name, f.metadata.get("arrow", _PYTHON_TO_ARROW[base]), nullable=nullable))
+        described = {key: f.metadata[name] for key, name in (("description", "doc"), ("unit", "unit"))
+                     if f.metadata.get(name)}
+        columns.append(pa.field(f.name, f.metadata.get("arrow", _PYTHON_TO_ARROW[base]), nullable=nullable,
+                                metadata=described or None))
     return pa.schema(columns)
+
+
+def describe_schema(schema: pa.Schema) -> str:
+    """One line per column: name, type, unit and meaning (from the Parquet field metadata)."""
+    lines = []
+    for column in schema:
+        meta = {k.decode(): v.decode() for k, v in (column.metadata or {}).items()}
+        unit = f" [{meta['unit']}]" if meta.get("unit") else ""
+        lines.append(f"{column.name:26s} {str(column.type):14s}{unit} {meta.get('description', '')}".rstrip())
+    return "\n".join(lines)
 
 
 MANIFEST_SCHEMA = arrow_schema(ManifestRow)
@@ -132,6 +165,25 @@ def write_restore_part(rows: Iterable[RestoreRow], url: str, metadata: dict[str,
     write_part(rows, RESTORE_SCHEMA, url, metadata)
 
 
+def write_table(table: pa.Table, sink: str | BinaryIO) -> None:
+    """A manifest table as Parquet (a name ending .parquet) or CSV (any other name, or a binary stream)."""
+    if isinstance(sink, str) and sink.endswith(".parquet"):
+        with atomic_writer(sink) as handle:
+            pq.write_table(table, handle, compression="zstd")
+        return
+    import pyarrow.csv as pacsv
+
+    flat = table.select([c for c in table.column_names if not pa.types.is_list(table.schema.field(c).type)])
+    lists = [c for c in table.column_names if c not in flat.column_names]
+    for name in lists:  # CSV has no lists: join them with spaces
+        flat = flat.append_column(name, pa.array([" ".join(v or ()) for v in table[name].to_pylist()]))
+    if isinstance(sink, str):
+        with atomic_writer(sink) as handle:
+            pacsv.write_csv(flat.select(table.column_names), handle)
+    else:
+        pacsv.write_csv(flat.select(table.column_names), sink)
+
+
 def read_part(url: str) -> pa.Table:
     return pq.read_table(io.BytesIO(read_bytes(url)))
 
@@ -144,6 +196,9 @@ def read_manifest(directory_url: str, schema: pa.Schema = MANIFEST_SCHEMA) -> pa
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """A part in ``schema``; a nullable column added after the part was written reads as null."""
+    for current, legacy in LEGACY_COLUMNS.items():
+        if legacy in table.column_names and current not in table.column_names:
+            table = table.rename_columns([current if name == legacy else name for name in table.column_names])
     for column in schema:
         if column.name not in table.column_names and column.nullable:
             table = table.append_column(column, pa.nulls(table.num_rows, column.type))

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import ncpipe
+from ncpipe.exit_status import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_allow_errors, job_exit_status
 from ncpipe.io.urls import redact
 from ncpipe.operations.jobspec import JOB_KINDS
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 _ACTIVE_STATES = ("PENDING", "RUNNING")
 
 
@@ -31,11 +31,13 @@ def _add_run(sub) -> None:
         "run", help="run a job spec (YAML: kind + spec [+ cluster]) here or, inside a submitted job, on its cluster",
         description="Load SPEC (kind: one of " + ", ".join(sorted(JOB_KINDS)) + "; spec: the fields of that "
         "kind's configuration; optional cluster: Ray settings), validate every field, and run it. Relative "
-        "paths in the spec are relative to the current directory. Exit status 0 when the job completed, "
-        "1 when some of it failed, 2 when the spec is invalid.",
+        "paths in the spec are relative to the current directory. Exit status 0 when the job completed with "
+        "every sample ok, 1 when some of it failed, 2 when the spec is invalid, 3 when some samples are error "
+        "rows (see --allow-errors).",
     )
     p.add_argument("spec", help="job spec file (YAML)")
     p.add_argument("--check", action="store_true", help="validate and print the configuration, run nothing")
+    add_allow_errors(p)
     p.set_defaults(handler=_run)
 
 
@@ -50,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     result = spec.run_function()(spec.config)
     if callable(getattr(result, "text", None)):
         print(result.text())
-    return EXIT_OK if getattr(result, "complete", True) else EXIT_FAILED
+    return job_exit_status(result, args.allow_errors)
 
 
 def _add_address(parser: argparse.ArgumentParser) -> None:

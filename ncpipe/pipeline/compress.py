@@ -259,7 +259,7 @@ class ShardCompressor:
                     ms_ssim=_finite_or_none(ms_ssim),
                     model_id=self.model_id,
                     model_sha256=identity.sha256,
-                    rate=rate,
+                    rd_lambda=rate,
                     quality=quality,
                     encode_seconds=seconds_each,
                     carried_members=carried,

@@ -76,12 +76,12 @@ class CompressSummary:
         return not self.shards_failed
 
     def text(self) -> str:
-        ratio = self.image_bytes / self.bitstream_bytes if self.bitstream_bytes else float("nan")
+        ratio = f"{self.image_bytes / self.bitstream_bytes:.1f}x" if self.bitstream_bytes else "no image coded"
         lines = [
             f"output      {self.output} (generation {self.generation}, job {self.job_id})",
             f"shards      {self.shards} ({self.shards_skipped} already committed, {len(self.shards_failed)} failed)",
             f"samples     {self.samples}: {self.ok} ok, {self.errors} error rows (see manifest 'error')",
-            f"images      {_mb(self.image_bytes)} -> {_mb(self.bitstream_bytes)} bitstreams ({ratio:.1f}x)",
+            f"images      {_mb(self.image_bytes)} -> {_mb(self.bitstream_bytes)} bitstreams ({ratio})",
             f"shards      {_mb(self.input_shard_bytes)} in -> {_mb(self.output_shard_bytes)} out",
             f"quality     mean {_fmt(self.mean_bpp, '.3f')} bpp, {_fmt(self.mean_psnr, '.2f')} dB PSNR, "
             f"{_fmt(self.mean_ms_ssim, '.4f')} MS-SSIM",
@@ -149,6 +149,23 @@ def prepare_generation(generation: GenerationLayout, job: dict[str, Any], overwr
     write_bytes_atomic(generation.job_file, json.dumps(job, indent=2).encode())
 
 
+def replace_later_generations(archive: ArchiveLayout, overwrite: bool) -> None:
+    """A compress job writes the first generation, so the generations recompressions built on it
+    are out of date: refused without ``overwrite`` (the job would switch readers back to the first),
+    removed with it, so that nothing replaced is left behind."""
+    later = [name for name in archive.generation_names() if name != FIRST_GENERATION]
+    if not later:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"{redact(archive.root)} was recompressed (generations {', '.join(later)}, current "
+            f"{archive.current_generation()}): pass --overwrite to replace the whole archive, "
+            "or use `ncpipe recompress` to change it"
+        )
+    log.warning("overwriting %s: removing generations %s", redact(archive.root), ", ".join(later))
+    archive.remove_generations(later)
+
+
 def is_committed(marker_url: str, input_url: str, fingerprint: str) -> bool:
     """A shard is done when its commit marker exists and records this configuration."""
     if not exists(marker_url):
@@ -181,6 +198,7 @@ def run_compress(config: CompressConfig) -> CompressSummary:
     }
     if corrdiff_sha256:
         job["corrdiff"] = {"id": redact(config.corrdiff), "sha256": corrdiff_sha256}
+    replace_later_generations(archive, config.overwrite)
     prepare_generation(generation, job, config.overwrite)
     stems = output_stems(inputs)
     tasks = [
@@ -349,6 +367,16 @@ def check_model_available(job: dict[str, Any] | None, model: str | None) -> None
         )
 
 
+def check_corrdiff_archive(job: dict[str, Any] | None, config: DecompressConfig) -> None:
+    """Refuse the CorrDiff decoder, before any work, for an archive compressed without its coefficients."""
+    if config.decoder != "corrdiff" or job is None or job.get("kind") != "compress" or "corrdiff" in job:
+        return
+    raise ConfigError(
+        "this archive was compressed without CorrDiff coefficients: restore it without --decoder corrdiff, "
+        "or compress the originals again with --corrdiff DECODER"
+    )
+
+
 def restore_fingerprint(config: DecompressConfig) -> str:
     """What must match for a restored shard to count as done on resume."""
     relevant = {"to": config.to, "model": config.model, "max_pixels": config.max_pixels, "refiner": config.refiner,
@@ -366,6 +394,7 @@ def run_decompress(config: DecompressConfig) -> RestoreSummary:
     shards, job = bitstream_shards(config.inputs)
     if not shards:
         raise ConfigError(f"no bitstream shards found in {[redact(s) for s in config.inputs]}")
+    check_corrdiff_archive(job, config)
     check_model_available(job, config.model)
     fingerprint = restore_fingerprint(config)
     job_id = new_job_id(fingerprint)
@@ -425,12 +454,14 @@ class RecompressSummary:
     def complete(self) -> bool:
         return not self.shards_failed
 
+    @property
+    def errors(self) -> int:
+        """Selected samples that could not be re-encoded (their old bitstreams are kept)."""
+        return self.kept
+
     def text(self) -> str:
         after = "n/a" if self.bytes_after is None else _mb(self.bytes_after)
-        saving = (
-            f" ({100 * (1 - self.bytes_after / self.bytes_before):.1f}% less)"
-            if self.bytes_after is not None and self.bytes_before else ""
-        )
+        saving = _size_change(self.bytes_before, self.bytes_after)
         head = "DRY RUN: nothing written. " if self.dry_run else ""
         lines = [
             f"{head}archive {self.archive}: generation {self.previous_generation}"
@@ -532,6 +563,16 @@ def run_recompress(config: RecompressConfig) -> RecompressSummary:
         write_bytes_atomic(generation.summary_file, json.dumps(dataclasses.asdict(summary), indent=2).encode())
         archive.set_current(name)
     return summary
+
+
+def _size_change(before: int, after: int | None) -> str:
+    """`` (12.3% less)``, `` (4.0% more)`` or `` (same size)``; empty when there is nothing to compare."""
+    if after is None or not before:
+        return ""
+    if after == before:
+        return " (same size)"
+    change = 100 * abs(after - before) / before
+    return f" ({change:.1f}% {'less' if after < before else 'more'})"
 
 
 def _unfinished_other(generation: GenerationLayout, fingerprint: str) -> bool:

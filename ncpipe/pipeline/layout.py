@@ -17,14 +17,19 @@ shard's file name; two inputs with the same name get a short hash of their URL.
 from __future__ import annotations
 
 import hashlib
+import posixpath
+import posixpath
+import re
 from collections import Counter
 from dataclasses import dataclass
 
-from ncpipe.io.storage import exists, read_bytes, write_bytes_atomic
+from ncpipe.io.storage import exists, list_files, read_bytes, remove, remove_tree, write_bytes_atomic
 from ncpipe.io.urls import join_url, shard_stem
 
 CURRENT_FILE = "CURRENT"
 FIRST_GENERATION = "g0000"
+JOB_FILE = "job.json"
+_GENERATION_NAME = re.compile(r"^g\d{4,}$")
 
 
 def generation_name(number: int) -> str:
@@ -68,7 +73,7 @@ class GenerationLayout:
 
     @property
     def job_file(self) -> str:
-        return join_url(self.root, "job.json")
+        return join_url(self.root, JOB_FILE)
 
     @property
     def summary_file(self) -> str:
@@ -94,6 +99,18 @@ class ArchiveLayout:
     def set_current(self, name: str) -> None:
         """Switch readers to generation ``name`` in one atomic write."""
         write_bytes_atomic(self.current_file, f"{name}\n".encode())
+
+    def generation_names(self) -> list[str]:
+        """Every generation started in this archive (each has a ``job.json``), in order."""
+        parents = {posixpath.basename(posixpath.dirname(url)) for url in list_files(self.root, suffix=JOB_FILE)}
+        return sorted(name for name in parents if _GENERATION_NAME.match(name))
+
+    def remove_generations(self, names: list[str]) -> None:
+        """Delete generations, ``CURRENT`` first: a reader meanwhile finds no archive, never a partial one."""
+        if names:
+            remove(self.current_file)
+        for name in names:
+            remove_tree(self.generation(name).root)
 
 
 @dataclass(frozen=True)
