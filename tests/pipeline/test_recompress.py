@@ -1,12 +1,13 @@
 """Recompression: policy selection, new generations with lineage, atomic switch, idempotence."""
 
+import dataclasses
 import json
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from ncpipe.config import CompressConfig, RecompressConfig
+from ncpipe.config import CompressConfig, ConfigError, RecompressConfig
 from ncpipe.manifest import read_manifest
 from ncpipe.models.checkpoint import model_digest, read_checkpoint
 from ncpipe.pipeline import recompress
@@ -93,6 +94,20 @@ def test_transcoding_records_generation_loss_and_keeps_unselected(archive, tiny_
     assert len(kept) == 3
     job = json.loads((out / summary.generation / "job.json").read_text())
     assert job["previous_generation"] == current
+
+
+def test_compress_again_over_a_recompressed_archive_replaces_every_generation(archive, tiny_model_path):
+    root, _ = archive
+    out = root / "archive"
+    assert (out / "CURRENT").read_text().strip() != "g0000" and (out / "g0001").is_dir()
+    config = CompressConfig(inputs=(str(root / "originals"),), output=str(out), model=str(tiny_model_path))
+    with pytest.raises(ConfigError, match="was recompressed.*--overwrite"):
+        run_compress(config)
+    assert (out / "g0001").is_dir()
+    summary = run_compress(dataclasses.replace(config, overwrite=True))
+    assert summary.complete and summary.generation == "g0000"
+    assert (out / "CURRENT").read_text().strip() == "g0000"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["g0000"]  # nothing replaced is left behind
 
 
 def test_policy_conditions(monkeypatch):
