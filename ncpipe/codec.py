@@ -253,9 +253,11 @@ class LearnedCodec:
             raise fmt.BitstreamError(f"rate parameter {header.rate:g} does not match the model's "
                                      f"λ={rate:g} at quality {header.quality}")
 
-    def decode_symbols(self, data: bytes, max_pixels: int | None = None) -> tuple[fmt.BitstreamHeader, LatentSymbols]:
-        """Parse and entropy-decode one bitstream (CPU), raising BitstreamError if damaged."""
-        parsed = fmt.parse(data, max_pixels) if max_pixels else fmt.parse(data)
+    def decode_symbols(self, data: bytes, max_pixels: int | None = fmt.DEFAULT_MAX_PIXELS,
+                       ) -> tuple[fmt.BitstreamHeader, LatentSymbols]:
+        """Parse and entropy-decode one bitstream (CPU), raising BitstreamError if damaged;
+        ``max_pixels`` as in :func:`ncpipe.bitstream.parse` (None: no limit)."""
+        parsed = fmt.parse(data, max_pixels)
         header = parsed.header
         self.check_model(header)
         z_shape, y_shape = header.z_shape, header.y_shape
