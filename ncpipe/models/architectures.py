@@ -17,8 +17,8 @@ only part whose output must agree bit for bit between encoder and decoder, so nc
 runs it in fixed-point integer arithmetic (:mod:`ncpipe.entropy.integer_net`) instead of
 calling it as a float module.
 
-To add an architecture: write a builder returning a CompressAI ``CompressionModel``
-and an adapter that names its pieces; register both in ``ARCHITECTURES``. Models with a
+To add an architecture: name its CompressAI ``CompressionModel`` class (in
+``compressai.models``) and write an adapter that names its pieces; register both in ``ARCHITECTURES``. Models with a
 spatial or channel context (``Cheng2020AnchorCheckerboard``, ``Elic2022Chandelier``)
 add coding *stages*: each stage's entropy parameters are a deterministic function of ẑ
 and of the ŷ decoded in earlier stages; see ``docs/architecture.md``.
@@ -27,12 +27,13 @@ and of the ŷ decoded in earlier stages; see ``docs/architecture.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
-from compressai.models import MeanScaleHyperprior, ScaleHyperprior
-from compressai.models.base import CompressionModel
 from torch import nn
+
+if TYPE_CHECKING:
+    from compressai.models.base import CompressionModel
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,17 @@ class ArchitectureSpec:
     """How to build one architecture and which of its outputs exist."""
 
     name: str
-    builder: Callable[..., CompressionModel]
+    model_class: str  # a class of compressai.models
     default_hparams: dict[str, int] = field(default_factory=dict)
     has_means: bool = True
+
+    @property
+    def builder(self) -> type[CompressionModel]:
+        # imported on first use: compressai's import (its point-cloud registry pulls in torch_geometric)
+        # takes seconds, which a job's driver, which never builds a model, should not pay
+        import compressai.models
+
+        return getattr(compressai.models, self.model_class)
 
     def build(self, **hparams: int) -> CompressionModel:
         unknown = set(hparams) - set(self.default_hparams)
@@ -57,8 +66,8 @@ class ArchitectureSpec:
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     spec.name: spec
     for spec in (
-        ArchitectureSpec("mbt2018-mean", MeanScaleHyperprior, {"N": 128, "M": 192}, True),
-        ArchitectureSpec("bmshj2018-hyperprior", ScaleHyperprior, {"N": 128, "M": 192}, False),
+        ArchitectureSpec("mbt2018-mean", "MeanScaleHyperprior", {"N": 128, "M": 192}, True),
+        ArchitectureSpec("bmshj2018-hyperprior", "ScaleHyperprior", {"N": 128, "M": 192}, False),
     )
 }
 
