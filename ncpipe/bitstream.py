@@ -15,12 +15,14 @@ from dataclasses import dataclass
 
 from ncpipe.errors import NcpipeError
 from ncpipe.images import DEFAULT_MAX_PIXELS  # noqa: F401  (re-exported for decoders)
+from ncpipe.images import MAX_METADATA_BYTES, ImageMetadata
 
 MAGIC = b"NCPB"
 # Version 1: a fixed-rate model's bitstream; 2: the same plus extensions; 3: a variable-rate
-# model's bitstream, whose header also names the quality level (extensions optional).
-FORMAT_VERSION = 3
-SUPPORTED_VERSIONS = frozenset({1, 2, 3})
+# model's bitstream, whose header also names the quality level (extensions optional); 4: the
+# version-3 layout (quality 0 for a fixed-rate model) carrying the image's EXIF / ICC / XMP.
+FORMAT_VERSION = 4
+SUPPORTED_VERSIONS = frozenset({1, 2, 3, 4})
 
 # Architecture codes are part of the format: never renumber, only append.
 ARCHITECTURE_CODES = {1: "mbt2018-mean", 2: "bmshj2018-hyperprior"}
@@ -35,7 +37,7 @@ HYPER_STRIDE = 64
 # magic, version, arch, sha256, rate, width, height, mode, pad_r, pad_b,
 # y (C, H, W), z (C, H, W), y channels per chunk
 _HEADER = struct.Struct("<4sBB32sfHHBBBHHHHHHH")
-_QUALITY = struct.Struct("<B")  # version 3: the quality level, between the fixed header and its CRC
+_QUALITY = struct.Struct("<B")  # versions 3, 4: the quality level, between the fixed header and its CRC
 _CRC = struct.Struct("<I")
 _CHUNK_LENGTH = struct.Struct("<I")
 HEADER_SIZE = _HEADER.size + _CRC.size  # versions 1 and 2
@@ -44,9 +46,16 @@ CHUNK_OVERHEAD = _CHUNK_LENGTH.size + _CRC.size
 
 # Version 2: extensions after the y chunks (decoder side information).
 EXTENSION_CORRDIFF = 1  # CorrDiff correction coefficients (see CorrectionCoefficients)
-EXTENSION_KINDS = {EXTENSION_CORRDIFF: "corrdiff"}
+# Version 4: what the image carried besides pixels, byte for byte (restored into its PNG).
+EXTENSION_EXIF = 2
+EXTENSION_ICC = 3
+EXTENSION_XMP = 4
+METADATA_KINDS = frozenset({EXTENSION_EXIF, EXTENSION_ICC, EXTENSION_XMP})
+EXTENSION_KINDS = {EXTENSION_CORRDIFF: "corrdiff", EXTENSION_EXIF: "EXIF", EXTENSION_ICC: "ICC profile",
+                   EXTENSION_XMP: "XMP"}
 MAX_EXTENSIONS = 8
-MAX_EXTENSION_BYTES = 4096
+MAX_EXTENSION_BYTES = 4096  # CorrDiff coefficients
+METADATA_VERSION = 4  # the first version that may carry METADATA_KINDS
 _EXTENSION_HEADER = struct.Struct("<BI")  # kind, payload length
 # CorrDiff payload: decoder SHA-256, noise seed, steps, bits per coefficient, then packed indices.
 _CORRDIFF_HEADER = struct.Struct("<32sIBB")
@@ -74,7 +83,7 @@ class BitstreamHeader:
     z_shape: tuple[int, int, int]  # (channels, height, width) of the hyper-latent
     y_chunk_channels: int  # latent channels per y chunk (the last chunk may hold fewer)
     quality: int = 0  # quality level of a variable-rate model (1..255); 0: a fixed-rate model
-    version: int = 1  # as read; pack() writes 3 with a quality, else 1, or 2 when there are extensions
+    version: int = 1  # as read; pack() writes the lowest version that holds the bitstream (see pack)
 
     @property
     def size(self) -> int:
@@ -108,6 +117,28 @@ class Bitstream:
 
     def extension(self, kind: int) -> Extension | None:
         return next((e for e in self.extensions if e.kind == kind), None)
+
+    @property
+    def metadata(self) -> ImageMetadata:
+        """The EXIF / ICC / XMP the source image carried (version 4), empty otherwise."""
+        def payload(kind: int) -> bytes | None:
+            found = self.extension(kind)
+            return found.payload if found else None
+
+        return ImageMetadata(payload(EXTENSION_EXIF), payload(EXTENSION_ICC), payload(EXTENSION_XMP))
+
+
+def metadata_extensions(metadata: ImageMetadata) -> tuple[Extension, ...]:
+    """The version-4 extensions that carry ``metadata`` (none for an image without any)."""
+    blocks = ((EXTENSION_EXIF, metadata.exif), (EXTENSION_ICC, metadata.icc_profile), (EXTENSION_XMP, metadata.xmp))
+    return tuple(Extension(kind, block) for kind, block in blocks if block)
+
+
+def image_metadata(data: bytes | memoryview) -> ImageMetadata:
+    """The metadata a bitstream carries; reads the extensions only of a version-4 bitstream."""
+    if len(data) > 4 and data[4] >= METADATA_VERSION:
+        return parse(data, max_pixels=None).metadata
+    return ImageMetadata()
 
 
 @dataclass(frozen=True)
@@ -200,7 +231,7 @@ def pack(bitstream: Bitstream) -> bytes:
     _validate_header(header, max_pixels=None)
     if len(bitstream.y_streams) != header.num_y_chunks:
         raise BitstreamError(f"{len(bitstream.y_streams)} y chunks given, header implies {header.num_y_chunks}")
-    version = 3 if header.quality else 2 if bitstream.extensions else 1
+    version = _version_for(header, bitstream.extensions)
     fixed = _HEADER.pack(
         MAGIC,
         version,
@@ -224,12 +255,23 @@ def pack(bitstream: Bitstream) -> bytes:
             raise BitstreamError(f"at most {MAX_EXTENSIONS} extensions")
         parts.append(bytes([len(bitstream.extensions)]))
         for extension in bitstream.extensions:
-            if extension.kind not in EXTENSION_KINDS or len(extension.payload) > MAX_EXTENSION_BYTES:
+            if extension.kind not in EXTENSION_KINDS or len(extension.payload) > _extension_limit(extension.kind):
                 raise BitstreamError(
                     f"extension kind {extension.kind} ({len(extension.payload)} bytes) cannot be written")
             head = _EXTENSION_HEADER.pack(extension.kind, len(extension.payload))
             parts += [head, extension.payload, _CRC.pack(zlib.crc32(head + extension.payload))]
     return b"".join(parts)
+
+
+def _version_for(header: BitstreamHeader, extensions: tuple[Extension, ...]) -> int:
+    """The lowest version that holds this header and these extensions."""
+    if any(e.kind in METADATA_KINDS for e in extensions):
+        return METADATA_VERSION
+    return 3 if header.quality else 2 if extensions else 1
+
+
+def _extension_limit(kind: int) -> int:
+    return MAX_METADATA_BYTES if kind in METADATA_KINDS else MAX_EXTENSION_BYTES
 
 
 def parse_header(data: bytes | memoryview, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> BitstreamHeader:
@@ -252,7 +294,7 @@ def parse_header(data: bytes | memoryview, max_pixels: int | None = DEFAULT_MAX_
         raise BitstreamError("header CRC32 mismatch: the header is damaged")
     fields = _HEADER.unpack(fixed[: _HEADER.size])
     quality = _QUALITY.unpack(fixed[_HEADER.size :])[0] if version >= 3 else 0
-    if version >= 3 and quality == 0:
+    if version == 3 and quality == 0:
         raise BitstreamError("a version-3 bitstream must name a quality level (1..255), not 0")
     arch_code = fields[2]
     if arch_code not in ARCHITECTURE_CODES:
@@ -298,7 +340,7 @@ def _read_extensions(data: memoryview, offset: int, version: int) -> tuple[tuple
         raise BitstreamError("truncated: the version-2 extension count is missing")
     count = data[offset]
     offset += 1
-    least = 0 if version >= 3 else 1  # version 2 exists only to carry extensions
+    least = 0 if version == 3 else 1  # versions 2 and 4 exist only to carry extensions
     if not least <= count <= MAX_EXTENSIONS:
         raise BitstreamError(f"extension count {count} is outside {least}..{MAX_EXTENSIONS}")
     extensions = []
@@ -309,7 +351,9 @@ def _read_extensions(data: memoryview, offset: int, version: int) -> tuple[tuple
         kind, length = _EXTENSION_HEADER.unpack(data[offset:end])
         if kind not in EXTENSION_KINDS:
             raise BitstreamError(f"extension kind {kind} is not supported by this reader")
-        if length > MAX_EXTENSION_BYTES or end + length + _CRC.size > len(data):
+        if kind in METADATA_KINDS and version < METADATA_VERSION:
+            raise BitstreamError(f"extension kind {kind} ({EXTENSION_KINDS[kind]}) needs format version 4")
+        if length > _extension_limit(kind) or end + length + _CRC.size > len(data):
             raise BitstreamError(f"truncated or oversized: extension {index} declares {length} bytes")
         payload = bytes(data[end : end + length])
         (crc,) = _CRC.unpack(data[end + length : end + length + _CRC.size])

@@ -11,10 +11,21 @@ source                handling
 P (palette)           coded as RGB, restored as RGB (the palette is not kept)
 RGBA / LA / PA        coded as RGB if every alpha value is 255 (restored with an
                       opaque alpha); refused if any pixel is transparent
+RGB / L with a tRNS   as RGBA: coded if the colour key occurs nowhere (restored
+colour key            without it), refused if any pixel is transparent
 16-bit, float, CMYK   refused: ncpipe's codecs model 8-bit RGB
+several frames        refused (animated WebP, APNG, multi-page TIFF, MPO): only one
+                      image per bitstream, and no frame is dropped
+gAMA / cHRM without   refused: colour rendering ncpipe would not reproduce
+sRGB or ICC (PNG)
 ====================  =============================================================
 
-EXIF orientation is not applied: the stored pixel grid is what gets coded.
+EXIF, ICC profile and XMP travel with the pixels (:class:`ImageMetadata`, carried in the
+bitstream, ``docs/bitstream.md``) and are written into the restored PNG; a block over
+:data:`MAX_METADATA_BYTES` is refused. Orientation: the stored pixel grid is what gets
+coded, and the EXIF (Orientation tag included) is restored unchanged, so a viewer that
+rotates the source rotates the restore the same way. Descriptive metadata outside these
+three (PNG text chunks, JPEG comments, DPI) is not kept.
 """
 
 from __future__ import annotations
@@ -24,11 +35,13 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"})
 DECODABLE_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"})
 DEFAULT_MAX_PIXELS = 64_000_000
+MAX_METADATA_BYTES = 1 << 20  # per EXIF / ICC / XMP block
+_TIFF_ORIENTATION, _TIFF_XMP = 274, 700
 
 # Source modes and the mode their restore is written in.
 RESTORED_MODE = {"RGB": "RGB", "L": "L", "P": "RGB", "RGBA": "RGBA", "LA": "LA", "PA": "RGBA"}
@@ -40,12 +53,25 @@ class ImageRefused(ValueError):
 
 
 @dataclass(frozen=True)
+class ImageMetadata:
+    """What an image carries besides its pixels that ncpipe keeps (raw bytes, None when absent)."""
+
+    exif: bytes | None = None  # TIFF-structured EXIF, without JPEG's "Exif\0\0" prefix
+    icc_profile: bytes | None = None
+    xmp: bytes | None = None  # UTF-8 XML packet
+
+    def __bool__(self) -> bool:
+        return any((self.exif, self.icc_profile, self.xmp))
+
+
+@dataclass(frozen=True)
 class DecodedImage:
     """An image as ncpipe codes it: HxWx3 uint8 RGB, plus what it came from."""
 
     pixels: np.ndarray
     source_format: str
     source_mode: str
+    metadata: ImageMetadata = ImageMetadata()
 
     @property
     def height(self) -> int:
@@ -78,7 +104,39 @@ def decode_image(data: bytes, extension: str = "", max_pixels: int = DEFAULT_MAX
             image.load()
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
             raise ImageRefused(f"corrupt or truncated {image.format} data: {err}") from None
-    return DecodedImage(_to_rgb(image), image.format, image.mode)
+    return DecodedImage(_to_rgb(image), image.format, image.mode, read_metadata(image))
+
+
+def read_metadata(image: Image.Image) -> ImageMetadata:
+    """The EXIF, ICC profile and XMP of an opened image; refused when one is over the limit."""
+    exif = image.info.get("exif")
+    xmp = image.info.get("xmp")
+    if image.format == "TIFF":  # TIFF keeps these as tags of its own IFD, not as blocks
+        xmp = image.tag_v2.get(_TIFF_XMP)
+        orientation = image.tag_v2.get(_TIFF_ORIENTATION, 1)
+        if orientation != 1:
+            tags = Image.Exif()
+            tags[_TIFF_ORIENTATION] = orientation
+            exif = tags.tobytes()
+    if isinstance(exif, bytes) and exif.startswith(b"Exif\x00\x00"):
+        exif = exif[6:]
+    if isinstance(xmp, str):
+        xmp = xmp.encode("utf-8")
+    if xmp and not _is_utf8(bytes(xmp)):
+        raise ImageRefused("XMP packet is not UTF-8; ncpipe carries UTF-8 XMP only")
+    metadata = ImageMetadata(exif or None, image.info.get("icc_profile") or None, bytes(xmp) if xmp else None)
+    for name, block in (("EXIF", metadata.exif), ("ICC profile", metadata.icc_profile), ("XMP", metadata.xmp)):
+        if block is not None and len(block) > MAX_METADATA_BYTES:
+            raise ImageRefused(f"{name} of {len(block)} bytes exceeds the {MAX_METADATA_BYTES} bytes ncpipe carries")
+    return metadata
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _check_declared(image: Image.Image, max_pixels: int) -> None:
@@ -92,6 +150,12 @@ def _check_declared(image: Image.Image, max_pixels: int) -> None:
             f"declared size {width}x{height} exceeds the limit of {max_pixels} pixels "
             "(possible decompression bomb; raise --max-pixels to code it)"
         )
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        raise ImageRefused(f"{image.format} holds {frames} frames; ncpipe codes single-frame images only")
+    info = image.info
+    if ("gamma" in info or "chromaticity" in info) and not ("srgb" in info or "icc_profile" in info):
+        raise ImageRefused(f"{image.format} declares its own gamma/chromaticities, which ncpipe does not carry")
     if image.mode not in RESTORED_MODE or any(";16" in str(tile.args) for tile in image.tile):
         raise ImageRefused(
             f"{image.format} mode {image.mode} ({_bit_depth(image)}) is not supported: "
@@ -104,7 +168,7 @@ def _bit_depth(image: Image.Image) -> str:
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
-    if image.mode == "P" and "transparency" in image.info:
+    if "transparency" in image.info:  # a palette entry or a tRNS colour key of RGB / L
         image = image.convert("RGBA")
     if image.mode in _ALPHA_MODES or image.mode == "RGBA":
         alpha = np.asarray(image.getchannel("A"))
@@ -120,7 +184,18 @@ def restore_image(pixels: np.ndarray, source_mode: str) -> Image.Image:
     return image if target == "RGB" else image.convert(target)
 
 
-def encode_png(image: Image.Image) -> bytes:
+def encode_png(image: Image.Image, metadata: ImageMetadata = ImageMetadata()) -> bytes:
+    """PNG bytes of ``image``, with ``metadata`` as eXIf, iCCP and an XMP iTXt chunk."""
+    extra: dict = {}
+    if metadata.exif:
+        extra["exif"] = metadata.exif
+    if metadata.icc_profile:
+        extra["icc_profile"] = metadata.icc_profile
+    if metadata.xmp:
+        text = PngImagePlugin.PngInfo()
+        text.add_itxt("XML:com.adobe.xmp", metadata.xmp.decode("utf-8"), zip=True)
+        extra["pnginfo"] = text
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=6)
+    image.save(buffer, format="PNG", compress_level=6, **extra)
     return buffer.getvalue()
+

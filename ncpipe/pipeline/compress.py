@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ncpipe import metrics
-from ncpipe.bitstream import CorrectionCoefficients
+from ncpipe.bitstream import CorrectionCoefficients, metadata_extensions
 from ncpipe.codec import AnalysedBatch, LearnedCodec, PendingBitstream, padded_shape
 from ncpipe.config import CompressConfig
 from ncpipe.diffusion.corrdiff import CorrDiffDecoder, attach_corrections, corrections_for_images
@@ -204,7 +204,9 @@ class ShardCompressor:
                                       quality=self.config.quality)
         scores = self._scores(items, analysed)
         pending = [
-            self.codec.submit_entropy_coding(analysed, i, item.image.source_mode) for i, item in enumerate(items)
+            self.codec.submit_entropy_coding(analysed, i, item.image.source_mode,
+                                             metadata_extensions(item.image.metadata))
+            for i, item in enumerate(items)
         ]
         return _InflightBatch(items, analysed, pending, scores, started, self._corrections(items, analysed))
 

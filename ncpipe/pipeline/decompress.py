@@ -31,7 +31,7 @@ from ncpipe.config import DecompressConfig
 from ncpipe.diffusion.corrdiff import CorrDiffMismatchError, corrdiff_decode, load_corrdiff, read_corrections
 from ncpipe.diffusion.guidance import GuidanceConfig
 from ncpipe.diffusion.refiner import RefinerMismatchError, decoded_batch, load_refiner
-from ncpipe.images import encode_png, restore_image
+from ncpipe.images import ImageMetadata, encode_png, restore_image
 from ncpipe.io.storage import atomic_writer, write_bytes_atomic
 from ncpipe.io.tar_reader import Sample, ShardUnreadable, TarMember, iter_samples
 from ncpipe.io.tar_writer import TarShardWriter
@@ -69,6 +69,7 @@ class _Parsed:
     error: str | None = None
     seconds: float = 0.0
     corrections: fmt.CorrectionCoefficients | None = None  # read only when decoding with CorrDiff
+    metadata: ImageMetadata = ImageMetadata()  # EXIF / ICC / XMP the source carried (version 4)
 
 
 class CodecCache:
@@ -192,16 +193,18 @@ class ShardDecompressor:
             codec = self.models.codec_for(header)
             header, symbols = codec.decode_symbols(member.data, self.config.max_pixels)
             corrections = read_corrections(member.data) if self.corrdiff else None
+            metadata = fmt.image_metadata(member.data)
         except (fmt.BitstreamError, ModelMismatchError) as err:
             return _Parsed(sample, member, error=str(err))
         return _Parsed(sample, member, header, symbols, codec, seconds=time.perf_counter() - started,
-                       corrections=corrections)
+                       corrections=corrections, metadata=metadata)
 
     def _synthesise_and_write(self, task: RestoreTask, batch: list[_Parsed], sink, rows: list[RestoreRow]) -> None:
         started = time.perf_counter()
         images, decode_errors = self._decode(batch)
         pngs = list(self.pool.map(
-            lambda pair: encode_png(restore_image(to_uint8_image(pair[1]), pair[0].header.source_mode)),
+            lambda pair: encode_png(restore_image(to_uint8_image(pair[1]), pair[0].header.source_mode),
+                                    pair[0].metadata),
             zip(batch, images),
         ))
         share = (time.perf_counter() - started) / len(batch)

@@ -30,7 +30,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Iterator
 
-from ncpipe.bitstream import BitstreamError
+from ncpipe.bitstream import BitstreamError, image_metadata
 from ncpipe.codec import ModelMismatchError
 from ncpipe.errors import NcpipeError
 from ncpipe.images import DecodedImage
@@ -203,7 +203,8 @@ class ShardRecompressor(ShardCompressor):
         except (BitstreamError, ModelMismatchError) as err:
             log.warning("cannot transcode %s (%s): kept as it was", row.key, err)
             return _Prepared(sample, kept_row=row)
-        image = DecodedImage(pixels, row.source_format or "", header.source_mode)
+        # the old bitstream's EXIF / ICC / XMP travel on into the new one
+        image = DecodedImage(pixels, row.source_format or "", header.source_mode, image_metadata(member.data))
         lineage = {
             **self._lineage(row, SOURCE_TRANSCODED),
             "member": row.member,
