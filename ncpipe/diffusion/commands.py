@@ -65,7 +65,7 @@ def _evaluate_refiner(args: argparse.Namespace) -> int:
     config = RefinerEvalConfig(
         codecs=tuple(args.codec), refiners=tuple(args.refiner), images=args.images, output=args.output,
         steps=args.steps, guidance=args.guidance, guidance_low_frequency=args.guidance_low_frequency,
-        guided=tuple(args.guided), limit=args.limit, device=args.device,
+        guided=tuple(args.guided), limit=args.limit, device=args.device, qualities=tuple(args.qualities),
     )
     return run_evaluation(args, evaluate_refiners, config)
 
@@ -75,6 +75,8 @@ def _evaluate_refiner(args: argparse.Namespace) -> int:
 
 def add_evaluation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, help="folder of evaluation images (e.g. Kodak)")
+    p.add_argument("--qualities", type=int_tuple, default=(),
+                   help="quality levels of a variable-rate codec to evaluate (default: all)")
     p.add_argument("--limit", type=int, default=0, help="first N images by name (default: all)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--device", default="auto")

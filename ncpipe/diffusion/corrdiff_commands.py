@@ -51,7 +51,7 @@ def _evaluate_corrdiff(args: argparse.Namespace) -> int:
     config = CorrDiffEvalConfig(
         codec=args.codec, corrdiff=args.corrdiff, refiners=tuple(args.refiner), refiner_steps=args.refiner_steps,
         images=args.images, output=args.output, perceptions=args.perception, steps=args.steps, bits=args.bits,
-        limit=args.limit, device=args.device,
+        limit=args.limit, device=args.device, qualities=tuple(args.qualities),
     )
     return run_evaluation(args, evaluate_corrdiff, config)
 

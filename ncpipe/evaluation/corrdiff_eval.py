@@ -17,9 +17,8 @@ blurrier, ~1 as detailed as the original). Decode time is the whole decoder (par
 parameters, synthesis, plus the diffusion sampler where there is one). ``replay_match``: at p = ½ the
 decoder's output equals the encoder's replay bit for bit.
 
-Perceptual metrics (LPIPS, DISTS, FID on patches) need pretrained network weights. ncpipe downloads
-nothing: :func:`perceptual_weights` looks for the files in ``$NCPIPE_METRIC_WEIGHTS`` (``:``-separated
-folders) and torch's hub checkpoint folder, and the evaluation logs and records which are missing.
+Perceptual measures (``ncpipe.evaluation.perceptual``): GMSD and HaarPSI on every row (weight-free);
+LPIPS, DISTS and FID need pretrained weights, and the evaluation logs and records which are missing.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -56,8 +54,15 @@ from ncpipe.diffusion.corrdiff import (
 )
 from ncpipe.diffusion.refiner import decoded_batch, load_refiner
 from ncpipe.evaluation.learned import load_image_set
+from ncpipe.evaluation.perceptual import (
+    Interval,
+    full_reference_scores,
+    paired_interval,
+    perceptual_message,
+    perceptual_weights,
+)
 from ncpipe.evaluation.plots import plot_sweep
-from ncpipe.evaluation.refiners import short_name
+from ncpipe.evaluation.refiners import evaluated_qualities, short_name
 from ncpipe.io.image_files import list_image_files
 from ncpipe.io.storage import atomic_writer
 from ncpipe.manifest import arrow_schema
@@ -67,13 +72,6 @@ from ncpipe.models.registry import load_model
 log = logging.getLogger(__name__)
 
 CODEC_METHOD, CORRDIFF_METHOD = "codec", "corrdiff"
-METRIC_WEIGHTS_ENV = "NCPIPE_METRIC_WEIGHTS"
-# What each perceptual metric needs, by the file names their reference implementations use.
-PERCEPTUAL_WEIGHT_FILES = {
-    "LPIPS (AlexNet)": ("alexnet-owt-7be5be79.pth", "lpips_alex_v0.1.pth"),
-    "DISTS": ("vgg16-397923af.pth", "DISTS_weights.pt"),
-    "FID (Inception, patches)": ("pt_inception-2015-12-05-6726825d.pth",),
-}
 
 
 @dataclass(frozen=True)
@@ -85,6 +83,7 @@ class CorrDiffEvalConfig:
     refiners: tuple[tuple[str, str], ...] = ()  # (label, checkpoint path) of NC-Diffusion refiners
     refiner_steps: int = 4
     perceptions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    qualities: tuple[int, ...] = ()  # quality levels of a variable-rate codec (empty: all; a fixed-rate codec: its one)
     steps: int | None = None  # CorrDiff K (None: the decoder's default)
     bits: int | None = None  # b (None: the decoder's default)
     limit: int = 0
@@ -102,6 +101,7 @@ class CorrDiffEvalConfig:
 
 @dataclass(frozen=True)
 class CorrDiffResult:
+    quality: int  # the codec's quality level (0: a fixed-rate codec)
     method: str  # "codec", a refiner label, or "corrdiff"
     perception: float  # p (NaN for rows without the knob)
     steps: int  # sampler steps (0 for the codec)
@@ -114,6 +114,8 @@ class CorrDiffResult:
     bpp: float
     psnr: float
     ms_ssim: float
+    gmsd: float
+    haarpsi: float
     hf_ratio: float
     mean_lambda: float  # mean λ_t the decoder applied (NaN without coefficients)
     encode_seconds: float
@@ -123,6 +125,7 @@ class CorrDiffResult:
 
 @dataclass(frozen=True)
 class CorrDiffSummary:
+    quality: int
     method: str
     perception: float
     images: int
@@ -130,54 +133,15 @@ class CorrDiffSummary:
     coefficient_bytes: float
     psnr: float
     delta_psnr: float  # mean over images of (method − codec) PSNR, dB
+    delta_psnr_low: float  # its 95 % confidence interval over images (paired)
+    delta_psnr_high: float
     ms_ssim: float
+    gmsd: float
+    haarpsi: float
     hf_ratio: float
     mean_lambda: float
     encode_seconds: float
     decode_seconds: float
-
-
-@dataclass(frozen=True)
-class WeightStatus:
-    metric: str
-    needed: tuple[str, ...]
-    found: tuple[str, ...]  # paths of the files found
-
-    @property
-    def missing(self) -> tuple[str, ...]:
-        names = {Path(p).name for p in self.found}
-        return tuple(n for n in self.needed if n not in names)
-
-
-def metric_weight_dirs() -> list[Path]:
-    """Where perceptual-metric weights are looked for: ``$NCPIPE_METRIC_WEIGHTS`` folders, then torch's hub cache."""
-    extra = [Path(p) for p in os.environ.get(METRIC_WEIGHTS_ENV, "").split(os.pathsep) if p]
-    return [*extra, Path(torch.hub.get_dir()) / "checkpoints"]
-
-
-def perceptual_weights() -> list[WeightStatus]:
-    """Which weight files of each perceptual metric are present in :func:`metric_weight_dirs`."""
-    dirs = metric_weight_dirs()
-    statuses = []
-    for metric, needed in PERCEPTUAL_WEIGHT_FILES.items():
-        found = [next((str(d / n) for d in dirs if (d / n).is_file()), None) for n in needed]
-        statuses.append(WeightStatus(metric, needed, tuple(f for f in found if f)))
-    return statuses
-
-
-def perceptual_message(statuses: Sequence[WeightStatus]) -> str:
-    """One paragraph for the log and the summary: what is missing, where it was looked for."""
-    where = ", ".join(str(d) for d in metric_weight_dirs())
-    missing = [f"{s.metric} needs {' + '.join(s.missing)}" for s in statuses if s.missing]
-    complete = [s.metric for s in statuses if not s.missing]
-    parts = []
-    if missing:
-        parts.append(f"Perceptual metrics not computed: weights missing ({'; '.join(missing)}). Looked in: {where} "
-                     f"(set ${METRIC_WEIGHTS_ENV} to a folder holding these files; ncpipe downloads nothing).")
-    if complete:
-        parts.append(f"Weights found for {', '.join(complete)}, but this evaluation does not compute them yet: "
-                     "their implementations are not checked against reference values here.")
-    return " ".join(parts)
 
 
 def evaluate_corrdiff(config: CorrDiffEvalConfig, command: str = "") -> tuple[list[CorrDiffResult], tuple[Path, ...]]:
@@ -194,9 +158,10 @@ def evaluate_corrdiff(config: CorrDiffEvalConfig, command: str = "") -> tuple[li
         decoder = load_corrdiff(config.corrdiff, device, codec_sha256=sha)
         refiners = {label: load_refiner(path, device, codec_sha256=sha) for label, path in config.refiners}
         rows: list[CorrDiffResult] = []
-        for name, pixels in images:
-            rows.extend(_evaluate_image(config, codec, decoder, refiners, name, pixels))
-            log.info("%s: %d rows", name, len(rows))
+        for quality in evaluated_qualities(codec, config.qualities):
+            for name, pixels in images:
+                rows.extend(_evaluate_image(config, codec, decoder, refiners, name, pixels, quality))
+                log.info("quality %d, %s: %d rows", quality, name, len(rows))
     finally:
         codec.close()
     metadata = {
@@ -209,10 +174,10 @@ def evaluate_corrdiff(config: CorrDiffEvalConfig, command: str = "") -> tuple[li
 
 
 def _evaluate_image(config: CorrDiffEvalConfig, codec: LearnedCodec, decoder, refiners: dict, name: str,
-                    pixels: np.ndarray) -> list[CorrDiffResult]:
+                    pixels: np.ndarray, quality: int) -> list[CorrDiffResult]:
     reference = metrics.to_unit_float(pixels).to(codec.device)
     started = time.perf_counter()
-    analysed = codec.analyse([pixels], reconstruct=True)
+    analysed = codec.analyse([pixels], reconstruct=True, quality=quality)
     plain = codec.submit_entropy_coding(analysed, 0, "RGB").result()
     codec_encode = _elapsed(started, codec.device)
     started = time.perf_counter()
@@ -228,9 +193,11 @@ def _evaluate_image(config: CorrDiffEvalConfig, codec: LearnedCodec, decoder, re
         values = dict(perception=math.nan, steps=0, bits=0, coefficient_bytes=0, mean_lambda=math.nan,
                       replay_match=True)
         values.update(extra)
+        scores = full_reference_scores(reference, out)
         return CorrDiffResult(
-            method=method, image=name, width=w, height=h, num_bytes=len(data), bpp=8 * len(data) / (w * h),
-            psnr=float(metrics.psnr(reference, out)[0]), ms_ssim=float(metrics.ms_ssim(reference, out)[0]),
+            quality=quality, method=method, image=name, width=w, height=h, num_bytes=len(data),
+            bpp=8 * len(data) / (w * h), psnr=float(metrics.psnr(reference, out)[0]),
+            ms_ssim=float(metrics.ms_ssim(reference, out)[0]), gmsd=scores.gmsd, haarpsi=scores.haarpsi,
             hf_ratio=float(metrics.high_frequency_energy_ratio(reference, out)[0]),
             encode_seconds=encode_s, decode_seconds=decode_s, **values,
         )
@@ -264,38 +231,41 @@ def _evaluate_image(config: CorrDiffEvalConfig, codec: LearnedCodec, decoder, re
 
 
 def summarise(rows: Sequence[CorrDiffResult]) -> list[CorrDiffSummary]:
-    """Mean per (method, p); ΔPSNR against the codec's row of the same image."""
-    base = {r.image: r.psnr for r in rows if r.method == CODEC_METHOD}
-    groups: dict[tuple[str, float], list[CorrDiffResult]] = {}
+    """Mean per (quality, method, p); ΔPSNR against the codec's row of the same image, with its paired 95 % CI."""
+    base = {(r.quality, r.image): r.psnr for r in rows if r.method == CODEC_METHOD}
+    groups: dict[tuple[int, str, float], list[CorrDiffResult]] = {}
     for r in rows:
-        groups.setdefault((r.method, -1.0 if math.isnan(r.perception) else r.perception), []).append(r)
+        groups.setdefault((r.quality, r.method, -1.0 if math.isnan(r.perception) else r.perception), []).append(r)
     summary = []
-    for (method, p), group in groups.items():
+    for (quality, method, p), group in groups.items():
         def mean(field: str, group: list[CorrDiffResult] = group) -> float:
             return statistics.fmean(getattr(r, field) for r in group)
 
+        gain = paired_interval([r.psnr - base[(r.quality, r.image)] for r in group])
         summary.append(CorrDiffSummary(
-            method=method, perception=math.nan if p < 0 else p, images=len(group), bpp=mean("bpp"),
-            coefficient_bytes=mean("coefficient_bytes"), psnr=mean("psnr"),
-            delta_psnr=statistics.fmean(r.psnr - base[r.image] for r in group), ms_ssim=mean("ms_ssim"),
-            hf_ratio=mean("hf_ratio"), mean_lambda=mean("mean_lambda"), encode_seconds=mean("encode_seconds"),
-            decode_seconds=mean("decode_seconds"),
+            quality=quality, method=method, perception=math.nan if p < 0 else p, images=len(group), bpp=mean("bpp"),
+            coefficient_bytes=mean("coefficient_bytes"), psnr=mean("psnr"), delta_psnr=gain.mean,
+            delta_psnr_low=gain.low, delta_psnr_high=gain.high, ms_ssim=mean("ms_ssim"), gmsd=mean("gmsd"),
+            haarpsi=mean("haarpsi"), hf_ratio=mean("hf_ratio"), mean_lambda=mean("mean_lambda"),
+            encode_seconds=mean("encode_seconds"), decode_seconds=mean("decode_seconds"),
         ))
     return summary
 
 
 def render_markdown(summary: Sequence[CorrDiffSummary], metadata: dict[str, Any]) -> str:
     lines = [
-        "| method | p | bpp | coeff. bytes | PSNR (dB) | ΔPSNR (dB) | MS-SSIM | HF ratio | mean λ | encode (s) "
-        "| decode (s) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| q | method | p | bpp | coeff. bytes | PSNR (dB) | ΔPSNR (dB) [95 % CI] | MS-SSIM | GMSD | HaarPSI "
+        "| HF ratio | mean λ | encode (s) | decode (s) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in summary:
         p = "–" if math.isnan(s.perception) else f"{s.perception:g}"
         lam = "–" if math.isnan(s.mean_lambda) else f"{s.mean_lambda:.3f}"
+        gain = Interval(s.delta_psnr, s.delta_psnr_low, s.delta_psnr_high, s.images).text()
         lines.append(
-            f"| {s.method} | {p} | {s.bpp:.4f} | {s.coefficient_bytes:.0f} | {s.psnr:.3f} | {s.delta_psnr:+.3f} | "
-            f"{s.ms_ssim:.4f} | {s.hf_ratio:.3f} | {lam} | {s.encode_seconds:.2f} | {s.decode_seconds:.2f} |"
+            f"| {s.quality} | {s.method} | {p} | {s.bpp:.4f} | {s.coefficient_bytes:.0f} | {s.psnr:.3f} | {gain} | "
+            f"{s.ms_ssim:.4f} | {s.gmsd:.4f} | {s.haarpsi:.4f} | {s.hf_ratio:.3f} | {lam} | {s.encode_seconds:.2f} "
+            f"| {s.decode_seconds:.2f} |"
         )
     header = (f"Codec {metadata['codec']}; images: {', '.join(metadata['images'])}. Command: `{metadata['command']}`, "
               f"{metadata['date']}, on {metadata['machine']}.")
@@ -315,15 +285,18 @@ def write_outputs(output: Path, rows: Sequence[CorrDiffResult], metadata: dict[s
         _write(output / "summary.csv", lambda h: pacsv.write_csv(table, h)),
         _write(output / "summary.md", lambda h: h.write(render_markdown(summary, metadata).encode())),
     ]
-    points = sweep_rows(summary)
-    for y, name, title in (("psnr", "corrdiff_psnr_vs_p.png", "PSNR"),
-                           ("ms_ssim", "corrdiff_msssim_vs_p.png", "MS-SSIM"),
-                           ("hf_ratio", "corrdiff_hf_vs_p.png", "high-frequency energy ratio (1 = original)")):
-        written.append(plot_sweep(points, path=output / name, x="perception", y=y, group="method",
-                                  title=f"CorrDiff knob: {title} vs perception p (baselines flat)"))
-    corr = [asdict(s) for s in summary if s.method == CORRDIFF_METHOD]
-    written.append(plot_sweep(corr, path=output / "corrdiff_psnr_vs_hf.png", x="hf_ratio", y="psnr",
-                              annotate="perception", title="CorrDiff: distortion vs detail along the knob (labels: p)"))
+    qualities = sorted({s.quality for s in summary})
+    for quality in qualities:  # one set of plots per quality level (no suffix when there is one)
+        suffix, at = ("", "") if len(qualities) == 1 else (f"_q{quality}", f" (quality {quality})")
+        part = [s for s in summary if s.quality == quality]
+        points = sweep_rows(part)
+        for y, name, title in (("psnr", "corrdiff_psnr_vs_p", "PSNR"), ("ms_ssim", "corrdiff_msssim_vs_p", "MS-SSIM"),
+                               ("hf_ratio", "corrdiff_hf_vs_p", "high-frequency energy ratio (1 = original)")):
+            written.append(plot_sweep(points, path=output / f"{name}{suffix}.png", x="perception", y=y,
+                                      group="method", title=f"CorrDiff knob{at}: {title} vs perception p"))
+        corr = [asdict(s) for s in part if s.method == CORRDIFF_METHOD]
+        written.append(plot_sweep(corr, path=output / f"corrdiff_psnr_vs_hf{suffix}.png", x="hf_ratio", y="psnr",
+                                  annotate="perception", title=f"CorrDiff{at}: distortion vs detail (labels: p)"))
     return tuple(written)
 
 

@@ -2,12 +2,16 @@
 
 ::
 
-    images ─► each codec (rate point): encode once ─► .ncb bytes ─► decode_symbols, synthesise ─► x̂   (row "codec")
+    images ─► each codec, each quality: encode once ─► .ncb bytes ─► decode_symbols, synthesise ─► x̂  (row "codec")
                                                                             │
                    each refiner trained for this codec, each K, ± guidance ─┴─► refine ─► x̃           (one row each)
-    rows ─► results.parquet / results.csv      one row per image x codec x method x K
-         ─► summary.csv / summary.md           mean per codec x method x K, with ΔPSNR to the codec
-         ─► psnr_vs_steps[_<codec>].png, decode_time_vs_steps[_<codec>].png
+    rows ─► results.parquet / results.csv      one row per image x codec x quality x method x K
+         ─► summary.csv / summary.md           mean per codec x quality x method x K, ΔPSNR to the codec + 95 % CI
+         ─► gains.csv / gains.md               per codec x method x K: gains averaged over the qualities, 95 % CIs
+         ─► gain_vs_steps[_<codec>].png, decode_time_vs_steps[_<codec>].png
+
+Measures: PSNR, MS-SSIM, GMSD and HaarPSI (weight-free, ``ncpipe.evaluation.perceptual``), the
+high-frequency energy ratio; LPIPS/DISTS need local weights and the tables say when they are absent.
 
 Every method of a codec decodes the *same* bitstream, so bpp is identical by construction. Decode
 time is the whole decoder: rANS + entropy parameters + synthesis, plus the refinement for refiner
@@ -45,6 +49,13 @@ from ncpipe.diffusion.refiner import (
     load_refiner,
 )
 from ncpipe.evaluation.learned import load_image_set
+from ncpipe.evaluation.perceptual import (
+    Interval,
+    full_reference_scores,
+    paired_interval,
+    perceptual_message,
+    perceptual_weights,
+)
 from ncpipe.evaluation.plots import plot_sweep
 from ncpipe.io.image_files import list_image_files
 from ncpipe.io.storage import atomic_writer
@@ -69,6 +80,7 @@ class RefinerEvalConfig:
     guided: tuple[str, ...] = ()  # labels to guide; empty: every bridge refiner
     limit: int = 0  # first N images (sorted by name); 0 = all
     device: str = "auto"
+    qualities: tuple[int, ...] = ()  # quality levels of a variable-rate codec (empty: all; a fixed-rate codec: its one)
 
     def __post_init__(self) -> None:
         labels = [label for label, _ in self.refiners]
@@ -84,7 +96,8 @@ class RefinerEvalConfig:
 @dataclass(frozen=True)
 class RefinerResult:
     codec: str
-    rate: str  # λ of the codec
+    quality: int  # the codec's quality level (0: a fixed-rate codec)
+    rate: str  # λ of that quality
     method: str  # "codec", a refiner label, or "<label>+guidance"
     refiner_sha256: str
     steps: int  # K (0 for the codec itself)
@@ -96,6 +109,9 @@ class RefinerResult:
     bpp: float
     psnr: float
     ms_ssim: float
+    gmsd: float  # lower is better
+    haarpsi: float  # higher is better
+    hf_ratio: float  # high-frequency energy, output / original
     decode_seconds: float  # whole decoder, refinement included
     refine_seconds: float
     outside_bin: float  # fraction of latents of g_a(output) outside their quantization bin
@@ -104,6 +120,7 @@ class RefinerResult:
 @dataclass(frozen=True)
 class SummaryRow:
     codec: str
+    quality: int
     rate: str
     method: str
     steps: int
@@ -111,7 +128,12 @@ class SummaryRow:
     bpp: float
     psnr: float
     delta_psnr: float  # mean over images of (method − codec) PSNR, dB
+    delta_psnr_low: float  # its 95 % confidence interval over images (paired)
+    delta_psnr_high: float
     ms_ssim: float
+    gmsd: float
+    haarpsi: float
+    hf_ratio: float
     decode_seconds: float
     refine_seconds: float
     outside_bin: float
@@ -134,16 +156,34 @@ def evaluate_refiners(config: RefinerEvalConfig, command: str = "") -> tuple[lis
         codec = LearnedCodec(load_model(codec_name).to(device), coder_threads=1)
         try:
             methods = _methods(config, refiners, codec, codec_name)
-            for image_name, pixels in images:
-                rows.extend(_evaluate_image(codec, short_name(codec_name), methods, config.steps, image_name, pixels))
-                log.info("%s %s: %d rows", codec_name, image_name, len(rows))
+            for quality in evaluated_qualities(codec, config.qualities):
+                for image_name, pixels in images:
+                    rows.extend(_evaluate_image(codec, short_name(codec_name), methods, config.steps, image_name,
+                                                pixels, quality))
+                    log.info("%s quality %d %s: %d rows", codec_name, quality, image_name, len(rows))
         finally:
             codec.close()
+    message = perceptual_message(perceptual_weights())
+    if message:
+        log.warning("%s", message)
     metadata = {
         "command": command, "date": now_utc(), "machine": machine_description(),
         "images": [name for name, _ in images], "refiners": {k: r.sha256 for k, r in refiners.items()},
+        "perceptual": message or "computed",
     }
     return rows, write_outputs(Path(config.output), rows, metadata)
+
+
+def evaluated_qualities(codec: LearnedCodec, wanted: Sequence[int]) -> list[int]:
+    """``wanted`` (default: every level) of a variable-rate codec; [0] for a fixed-rate codec."""
+    levels = codec.model.quality
+    if levels is None:
+        if any(q != 0 for q in wanted):
+            raise ValueError("a fixed-rate codec has no quality levels to evaluate")
+        return [0]
+    for quality in wanted:
+        codec.model.check_quality(quality)
+    return list(wanted) or list(range(1, len(levels.lambdas) + 1))
 
 
 def short_name(codec_name: str) -> str:
@@ -168,8 +208,8 @@ def _methods(config: RefinerEvalConfig, refiners: dict[str, Refiner], codec: Lea
 
 
 def _evaluate_image(codec: LearnedCodec, codec_name: str, methods: Sequence[_Method], steps: Sequence[int],
-                    image_name: str, pixels) -> list[RefinerResult]:
-    data = codec.encode_batch([pixels], ["RGB"])[0]
+                    image_name: str, pixels, quality: int) -> list[RefinerResult]:
+    data = codec.encode_batch([pixels], ["RGB"], quality=quality)[0]
     started = time.perf_counter()
     header, symbols = codec.decode_symbols(data)
     x_hat = codec.synthesise([header], [symbols])
@@ -177,14 +217,17 @@ def _evaluate_image(codec: LearnedCodec, codec_name: str, methods: Sequence[_Met
     base_seconds = time.perf_counter() - started
     decoded = decoded_batch(codec, [header], [symbols], x_hat)
     reference = metrics.to_unit_float(pixels).to(codec.device)
-    common = dict(codec=codec_name, rate=f"{codec.model.identity.rate:g}", image=image_name, width=header.width,
+    common = dict(codec=codec_name, quality=quality, rate=f"{header.rate:g}", image=image_name, width=header.width,
                   height=header.height, num_bytes=len(data), bpp=8 * len(data) / (header.width * header.height))
 
     def row(method: str, sha: str, k: int, strength: float, output: torch.Tensor, refine_s: float) -> RefinerResult:
         out = metrics.quantize_8bit(output[None].float())
+        scores = full_reference_scores(reference, out)
         return RefinerResult(
             **common, method=method, refiner_sha256=sha, steps=k, guidance=strength,
             psnr=float(metrics.psnr(reference, out)[0]), ms_ssim=float(metrics.ms_ssim(reference, out)[0]),
+            gmsd=scores.gmsd, haarpsi=scores.haarpsi,
+            hf_ratio=float(metrics.high_frequency_energy_ratio(reference, out)[0]),
             decode_seconds=base_seconds + refine_s, refine_seconds=refine_s,
             outside_bin=outside_bin_fraction(codec, out, decoded),
         )
@@ -210,76 +253,145 @@ def outside_bin_fraction(codec: LearnedCodec, image01: torch.Tensor, decoded: De
 
 
 def summarise(rows: Sequence[RefinerResult]) -> list[SummaryRow]:
-    """Mean per (codec, method, K); ΔPSNR against the codec's row of the same image."""
-    base = {(r.codec, r.image): r.psnr for r in rows if r.method == CODEC_METHOD}
-    groups: dict[tuple[str, str, str, int], list[RefinerResult]] = {}
+    """Mean per (codec, quality, method, K); ΔPSNR against the codec's row of the same image, with its paired CI."""
+    base = {(r.codec, r.quality, r.image): r.psnr for r in rows if r.method == CODEC_METHOD}
+    groups: dict[tuple[str, int, str, str, int], list[RefinerResult]] = {}
     for r in rows:
-        groups.setdefault((r.codec, r.rate, r.method, r.steps), []).append(r)
+        groups.setdefault((r.codec, r.quality, r.rate, r.method, r.steps), []).append(r)
     summary = []
-    for (codec, rate, method, k), group in groups.items():
+    for (codec, quality, rate, method, k), group in groups.items():
         def mean(field: str, group: list[RefinerResult] = group) -> float:
             return statistics.fmean(getattr(r, field) for r in group)
 
+        gain = paired_interval([r.psnr - base[(r.codec, r.quality, r.image)] for r in group])
         summary.append(SummaryRow(
-            codec=codec, rate=rate, method=method, steps=k, images=len(group), bpp=mean("bpp"), psnr=mean("psnr"),
-            delta_psnr=statistics.fmean(r.psnr - base[(r.codec, r.image)] for r in group),
-            ms_ssim=mean("ms_ssim"), decode_seconds=mean("decode_seconds"), refine_seconds=mean("refine_seconds"),
+            codec=codec, quality=quality, rate=rate, method=method, steps=k, images=len(group), bpp=mean("bpp"),
+            psnr=mean("psnr"), delta_psnr=gain.mean, delta_psnr_low=gain.low, delta_psnr_high=gain.high,
+            ms_ssim=mean("ms_ssim"), gmsd=mean("gmsd"), haarpsi=mean("haarpsi"), hf_ratio=mean("hf_ratio"),
+            decode_seconds=mean("decode_seconds"), refine_seconds=mean("refine_seconds"),
             outside_bin=mean("outside_bin"),
         ))
     return summary
 
 
+@dataclass(frozen=True)
+class GainRow:
+    """A method's gain over its codec averaged over the evaluated qualities, with paired 95 % CIs over images."""
+
+    codec: str
+    method: str
+    steps: int
+    qualities: int
+    images: int
+    delta_psnr: float
+    delta_psnr_low: float
+    delta_psnr_high: float
+    delta_ms_ssim: float
+    delta_ms_ssim_low: float
+    delta_ms_ssim_high: float
+    delta_gmsd: float  # negative is better
+    delta_haarpsi: float  # positive is better
+    hf_ratio: float
+    decode_seconds: float
+
+
+def gains(rows: Sequence[RefinerResult]) -> list[GainRow]:
+    """Per (codec, method, K): each image's gain averaged over the qualities, then mean and paired CI over images."""
+    base = {(r.codec, r.quality, r.image): r for r in rows if r.method == CODEC_METHOD}
+    groups: dict[tuple[str, str, int], list[RefinerResult]] = {}
+    for r in rows:
+        if r.method != CODEC_METHOD:
+            groups.setdefault((r.codec, r.method, r.steps), []).append(r)
+    table = []
+    for (codec, method, k), group in groups.items():
+        def per_image(field: str, group: list[RefinerResult] = group) -> list[float]:
+            by_image: dict[str, list[float]] = {}
+            for r in group:
+                by_image.setdefault(r.image, []).append(getattr(r, field) - getattr(base[(r.codec, r.quality,
+                                                                                            r.image)], field))
+            return [statistics.fmean(v) for v in by_image.values()]
+
+        psnr, msssim = paired_interval(per_image("psnr")), paired_interval(per_image("ms_ssim"))
+        table.append(GainRow(
+            codec=codec, method=method, steps=k, qualities=len({r.quality for r in group}), images=psnr.n,
+            delta_psnr=psnr.mean, delta_psnr_low=psnr.low, delta_psnr_high=psnr.high, delta_ms_ssim=msssim.mean,
+            delta_ms_ssim_low=msssim.low, delta_ms_ssim_high=msssim.high,
+            delta_gmsd=statistics.fmean(per_image("gmsd")), delta_haarpsi=statistics.fmean(per_image("haarpsi")),
+            hf_ratio=statistics.fmean(r.hf_ratio for r in group),
+            decode_seconds=statistics.fmean(r.decode_seconds for r in group),
+        ))
+    return table
+
+
 def render_markdown(summary: Sequence[SummaryRow], metadata: dict[str, Any]) -> str:
     lines = [
-        "| codec | λ | method | K | bpp | PSNR (dB) | ΔPSNR (dB) | MS-SSIM | decode (s) | refine (s) | outside bin |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| codec | q | λ | method | K | bpp | PSNR (dB) | ΔPSNR (dB) [95 % CI] | MS-SSIM | GMSD | HaarPSI | HF ratio "
+        "| decode (s) | refine (s) | outside bin |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in summary:
+        gain = Interval(s.delta_psnr, s.delta_psnr_low, s.delta_psnr_high, s.images).text()
         lines.append(
-            f"| {s.codec} | {s.rate} | {s.method} | {s.steps} | {s.bpp:.4f} | {s.psnr:.3f} | {s.delta_psnr:+.3f} | "
-            f"{s.ms_ssim:.4f} | {s.decode_seconds:.2f} | {s.refine_seconds:.2f} | {s.outside_bin:.4f} |"
+            f"| {s.codec} | {s.quality} | {s.rate} | {s.method} | {s.steps} | {s.bpp:.4f} | {s.psnr:.3f} | {gain} | "
+            f"{s.ms_ssim:.4f} | {s.gmsd:.4f} | {s.haarpsi:.4f} | {s.hf_ratio:.3f} | {s.decode_seconds:.2f} | "
+            f"{s.refine_seconds:.2f} | {s.outside_bin:.4f} |"
         )
-    header = (f"Images: {', '.join(metadata['images'])}. Command: `{metadata['command']}`, {metadata['date']}, "
-              f"on {metadata['machine']}.")
-    return "\n".join([header, "", *lines]) + "\n"
+    return "\n".join([_provenance_line(metadata), "", *lines, "", str(metadata["perceptual"])]) + "\n"
+
+
+def render_gains(table: Sequence[GainRow], metadata: dict[str, Any]) -> str:
+    lines = [
+        "| codec | method | K | qualities | images | ΔPSNR (dB) [95 % CI] | ΔMS-SSIM [95 % CI] | ΔGMSD | ΔHaarPSI "
+        "| HF ratio | decode (s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for g in table:
+        psnr = Interval(g.delta_psnr, g.delta_psnr_low, g.delta_psnr_high, g.images).text()
+        msssim = Interval(g.delta_ms_ssim, g.delta_ms_ssim_low, g.delta_ms_ssim_high, g.images).text(4)
+        lines.append(f"| {g.codec} | {g.method} | {g.steps} | {g.qualities} | {g.images} | {psnr} | {msssim} | "
+                     f"{g.delta_gmsd:+.4f} | {g.delta_haarpsi:+.4f} | {g.hf_ratio:.3f} | {g.decode_seconds:.2f} |")
+    note = ("Gain = method − codec on the same bitstream (same bits), averaged over the qualities per image; "
+            "intervals: paired Student-t over images.")
+    return "\n".join([_provenance_line(metadata), "", *lines, "", note]) + "\n"
+
+
+def _provenance_line(metadata: dict[str, Any]) -> str:
+    return (f"Images: {', '.join(metadata['images'])}. Command: `{metadata['command']}`, {metadata['date']}, "
+            f"on {metadata['machine']}.")
 
 
 def write_outputs(output: Path, rows: Sequence[RefinerResult], metadata: dict[str, Any]) -> tuple[Path, ...]:
     output.mkdir(parents=True, exist_ok=True)
-    summary = summarise(rows)
+    summary, gain_table = summarise(rows), gains(rows)
     encoded = {k: json.dumps(v, default=str) for k, v in metadata.items()}
     results = pa.Table.from_pylist([asdict(r) for r in rows], schema=arrow_schema(RefinerResult))
     results = results.replace_schema_metadata(encoded)
     table = pa.Table.from_pylist([asdict(s) for s in summary], schema=arrow_schema(SummaryRow))
+    gain_arrow = pa.Table.from_pylist([asdict(g) for g in gain_table], schema=arrow_schema(GainRow))
     written = [
         _write(output / "results.parquet", lambda h: pq.write_table(results, h, compression="zstd")),
         _write(output / "results.csv", lambda h: pacsv.write_csv(results, h)),
         _write(output / "summary.csv", lambda h: pacsv.write_csv(table, h)),
         _write(output / "summary.md", lambda h: h.write(render_markdown(summary, metadata).encode())),
+        _write(output / "gains.csv", lambda h: pacsv.write_csv(gain_arrow, h)),
+        _write(output / "gains.md", lambda h: h.write(render_gains(gain_table, metadata).encode())),
     ]
     codecs = list(dict.fromkeys(s.codec for s in summary))
     for codec in codecs:
         suffix = "" if len(codecs) == 1 else f"_{codec}"
-        points = _plot_rows([s for s in summary if s.codec == codec])
-        written.append(plot_sweep(points, path=output / f"psnr_vs_steps{suffix}.png", x="steps", y="psnr",
-                                  group="method", title=f"{codec}: PSNR vs sampler steps K (same bits)"))
-        timed = [p for p in points if p["method"] != CODEC_METHOD]
-        if timed:
-            written.append(plot_sweep(timed, path=output / f"decode_time_vs_steps{suffix}.png", x="steps",
-                                      y="decode_seconds", group="method", title=f"{codec}: decode time vs K"))
+        points = _plot_rows([g for g in gain_table if g.codec == codec])
+        if not points:
+            continue
+        written.append(plot_sweep(points, path=output / f"gain_vs_steps{suffix}.png", x="steps", y="delta_psnr",
+                                  group="method", title=f"{codec}: ΔPSNR over the codec vs K (same bits, "
+                                  "mean over qualities)"))
+        written.append(plot_sweep(points, path=output / f"decode_time_vs_steps{suffix}.png", x="steps",
+                                  y="decode_seconds", group="method", title=f"{codec}: decode time vs K"))
     return tuple(written)
 
 
-def _plot_rows(summary: Sequence[SummaryRow]) -> list[dict[str, Any]]:
-    """Summary points, with the codec drawn as a flat line across the K values of the refiners."""
-    steps = sorted({s.steps for s in summary if s.method != CODEC_METHOD})
-    points = []
-    for s in summary:
-        if s.method == CODEC_METHOD:
-            points.extend({**asdict(s), "steps": k} for k in steps or [0])
-        else:
-            points.append(asdict(s))
-    return points
+def _plot_rows(table: Sequence[GainRow]) -> list[dict[str, Any]]:
+    return [asdict(g) for g in table]
 
 
 def _write(path: Path, write) -> Path:

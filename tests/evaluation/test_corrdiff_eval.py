@@ -15,13 +15,8 @@ from ncpipe.codec import LearnedCodec
 from ncpipe.diffusion.corrdiff import CorrDiffConfig, CorrDiffDecoder, save_corrdiff
 from ncpipe.diffusion.refiner import TrainedCodec
 from ncpipe.diffusion.unet import UNetConfig
-from ncpipe.evaluation.corrdiff_eval import (
-    METRIC_WEIGHTS_ENV,
-    CorrDiffEvalConfig,
-    evaluate_corrdiff,
-    perceptual_message,
-    perceptual_weights,
-)
+from ncpipe.evaluation.corrdiff_eval import CorrDiffEvalConfig, evaluate_corrdiff
+from ncpipe.evaluation.perceptual import METRIC_WEIGHTS_ENV, perceptual_message, perceptual_weights
 from ncpipe.models.checkpoint import load_codec_model
 from tests.diffusion.conftest import perturbed
 from tests.factories import kodak_pixels
@@ -56,7 +51,9 @@ def test_evaluation_rows_and_outputs(tiny_model_path: Path, tmp_path: Path, monk
     assert {"results.parquet", "summary.md", "corrdiff_psnr_vs_p.png", "corrdiff_hf_vs_p.png"} <= names
     assert pq.read_table(tmp_path / "out" / "results.parquet").num_rows == 4
     summary = (tmp_path / "out" / "summary.md").read_text()
-    assert "| corrdiff | 0.5 |" in summary and "lpips_alex_v0.1.pth" in summary
+    assert "| 0 | corrdiff | 0.5 |" in summary and "lpips_alex_v0.1.pth" in summary
+    assert all(0.0 <= r.gmsd < 0.5 and 0.0 < r.haarpsi <= 1.0 for r in rows)
+    assert sweep[0.0].gmsd == codec_row.gmsd and sweep[0.0].haarpsi == codec_row.haarpsi
 
 
 def test_perceptual_weights_are_looked_up_and_missing_ones_named(tmp_path: Path, monkeypatch) -> None:
