@@ -18,6 +18,7 @@ import torch
 from ncpipe.codec import LearnedCodec
 from ncpipe.config import CompressConfig, DecompressConfig, RecompressConfig
 from ncpipe.device import resolve_device
+from ncpipe.io.storage import job_temporaries
 from ncpipe.models.registry import load_model
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ class CompressActor:
         log.info("compress actor ready: %s on %s", model.identity.short, device)
 
     def run(self, task):
-        return self.worker.run(task)
+        with job_temporaries(task.job_id):  # its temps carry its job: cleanup removes its own only
+            return self.worker.run(task)
 
     def ping(self) -> bool:
         return True
@@ -82,7 +84,8 @@ class DecompressActor:
         )
 
     def run(self, task):
-        return self.worker.run(task)
+        with job_temporaries(task.job_id):  # its temps carry its job: cleanup removes its own only
+            return self.worker.run(task)
 
     def ping(self) -> bool:
         return True
@@ -106,7 +109,8 @@ class RecompressActor:
         )
 
     def run(self, task):
-        return self.worker.run(task)
+        with job_temporaries(task.job_id):  # its temps carry its job: cleanup removes its own only
+            return self.worker.run(task)
 
     def ping(self) -> bool:
         return True

@@ -34,6 +34,7 @@ from ncpipe.manifest import RESTORE_SCHEMA, STATUS_ERROR, STATUS_OK, read_manife
 from ncpipe.models.checkpoint import model_digest, read_checkpoint
 from ncpipe.models.registry import describe_sha256, find_by_sha256, load_model, resolve_model
 from ncpipe.pipeline.distributor import PoolOutcome, ProgressLog, connect, plan_workers, run_on_actors
+from ncpipe.pipeline.writer_lock import lock_output, releases_locks
 from ncpipe.pipeline.layout import (
     FIRST_GENERATION,
     ArchiveLayout,
@@ -174,6 +175,7 @@ def is_committed(marker_url: str, input_url: str, fingerprint: str) -> bool:
     return marker.get("fingerprint") == fingerprint and marker.get("input_url") == redact(input_url)
 
 
+@releases_locks
 def run_compress(config: CompressConfig) -> CompressSummary:
     from ncpipe.pipeline.actors import CompressActor
     from ncpipe.pipeline.compress import ShardTask
@@ -187,6 +189,7 @@ def run_compress(config: CompressConfig) -> CompressSummary:
     fingerprint = config.coding_fingerprint(sha256, corrdiff_sha256)
     job_id = new_job_id(fingerprint)
     archive = ArchiveLayout(config.output)
+    lock_output(archive.lock_file, job_id, "compress")
     generation = archive.generation(FIRST_GENERATION)
     job = {
         "kind": "compress",
@@ -209,7 +212,7 @@ def run_compress(config: CompressConfig) -> CompressSummary:
     ]
     log.info("%d input shards: %d to compress, %d already committed", len(inputs), len(tasks), len(inputs) - len(tasks))
     outcome = run_tasks(config.cluster, tasks, CompressActor, config, "compress")
-    clear_partials(generation.shards_dir, generation.manifest_dir, generation.commits_dir)
+    clear_partials(job_id, generation.shards_dir, generation.manifest_dir, generation.commits_dir)
     failed = [redact(f.task.input_url) for f in outcome.failures]
     summary = summarise_compress(
         generation, job, inputs, len(inputs) - len(tasks), failed, time.perf_counter() - started,
@@ -222,10 +225,10 @@ def run_compress(config: CompressConfig) -> CompressSummary:
     return summary
 
 
-def clear_partials(*directories: str) -> None:
-    """Remove temps of writers killed during this run (a retried shard's first attempt, say):
-    every task has finished, so none belongs to a live writer."""
-    removed = sum(remove_partials(directory) for directory in directories)
+def clear_partials(job_id: str, *directories: str) -> None:
+    """Remove this job's temps left by its writers killed during this run (a retried shard's first
+    attempt, say): every task has finished, so none belongs to a live writer."""
+    removed = sum(remove_partials(directory, job_id) for directory in directories)
     if removed:
         log.info("removed %d temporary file(s) left by killed writers", removed)
 
@@ -386,6 +389,7 @@ def restore_fingerprint(config: DecompressConfig) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@releases_locks
 def run_decompress(config: DecompressConfig) -> RestoreSummary:
     from ncpipe.pipeline.actors import DecompressActor
     from ncpipe.pipeline.decompress import RestoreTask
@@ -399,8 +403,9 @@ def run_decompress(config: DecompressConfig) -> RestoreSummary:
     fingerprint = restore_fingerprint(config)
     job_id = new_job_id(fingerprint)
     restore = RestoreLayout(config.output)
+    lock_output(restore.lock_file, job_id, "decompress")
     if config.overwrite:
-        remove_tree(config.output)
+        remove_tree(config.output, keep=(restore.lock_file,))
     stems = output_stems(shards)
     tasks = [
         RestoreTask(url, stems[url], restore.output(stems[url], config.to), restore.manifest_part(stems[url]),
@@ -409,7 +414,7 @@ def run_decompress(config: DecompressConfig) -> RestoreSummary:
         if not is_committed(restore.commit_marker(stems[url]), url, fingerprint)
     ]
     outcome = run_tasks(config.cluster, tasks, DecompressActor, config, "decompress")
-    clear_partials(restore.root, restore.manifest_dir, restore.commits_dir)
+    clear_partials(job_id, restore.root, restore.manifest_dir, restore.commits_dir)
     table = read_manifest(restore.manifest_dir, RESTORE_SCHEMA)
     errors = table.filter(pc.equal(table["status"], STATUS_ERROR))
     wall = time.perf_counter() - started
@@ -486,6 +491,7 @@ class RecompressSummary:
         return "\n".join(lines)
 
 
+@releases_locks
 def run_recompress(config: RecompressConfig) -> RecompressSummary:
     from ncpipe.manifest import ManifestRow
     from ncpipe.pipeline.actors import RecompressActor
@@ -525,6 +531,9 @@ def run_recompress(config: RecompressConfig) -> RecompressSummary:
          "coding": config.compress_config().coding_fingerprint(target_sha)}, sort_keys=True,
     ).encode()).hexdigest()[:16]
     job_id = new_job_id(fingerprint)
+    lock_output(archive.lock_file, job_id, "recompress")
+    if archive.current_generation() != current:  # another job switched it while this one was planning
+        raise ConfigError(f"{redact(config.archive)} changed while this recompression was planned; run it again")
     name = generation_name(int(current.lstrip("g")) + 1)
     generation = archive.generation(name)
     job = {"kind": "recompress", "ncpipe_version": __version__, "job_id": job_id, "fingerprint": fingerprint,
@@ -544,7 +553,7 @@ def run_recompress(config: RecompressConfig) -> RecompressSummary:
             selected=selection[shard_url], originals=config.originals, transcode_only=config.transcode_only,
         ))
     outcome = run_tasks(config.cluster, tasks, RecompressActor, config, "recompress")
-    clear_partials(generation.shards_dir, generation.manifest_dir, generation.commits_dir)
+    clear_partials(job_id, generation.shards_dir, generation.manifest_dir, generation.commits_dir)
     failed = [redact(f.task.input_url) for f in outcome.failures]
     new_rows = [r for r in read_manifest(generation.manifest_dir).to_pylist() if r["recompress_source"]]
     losses = [r["psnr_vs_previous"] for r in new_rows if r["psnr_vs_previous"] is not None]

@@ -3,6 +3,7 @@
 A compressed archive::
 
     <archive>/CURRENT                       name of the current generation (written last)
+    <archive>/_LOCK                         while a job writes: its writer lock (ncpipe.pipeline.writer_lock)
     <archive>/<generation>/job.json         the configuration that made it
     <archive>/<generation>/shards/<s>.tar   bitstreams + carried members, per input shard
     <archive>/<generation>/manifest/<s>.parquet
@@ -27,6 +28,7 @@ from ncpipe.io.storage import exists, list_files, read_bytes, remove, remove_tre
 from ncpipe.io.urls import join_url, shard_stem
 
 CURRENT_FILE = "CURRENT"
+LOCK_FILE = "_LOCK"
 FIRST_GENERATION = "g0000"
 JOB_FILE = "job.json"
 _GENERATION_NAME = re.compile(r"^g\d{4,}$")
@@ -34,6 +36,11 @@ _GENERATION_NAME = re.compile(r"^g\d{4,}$")
 
 def generation_name(number: int) -> str:
     return f"g{number:04d}"
+
+
+def takeover_marker(lock_url: str, stale_job_id: str) -> str:
+    """Created exclusively by the one job that replaces the stale lock of ``stale_job_id``."""
+    return f"{lock_url}.takeover-{stale_job_id}"
 
 
 def output_stems(input_urls: list[str]) -> dict[str, str]:
@@ -96,6 +103,10 @@ class ArchiveLayout:
             return None
         return read_bytes(self.current_file).decode().strip()
 
+    @property
+    def lock_file(self) -> str:
+        return join_url(self.root, LOCK_FILE)
+
     def set_current(self, name: str) -> None:
         """Switch readers to generation ``name`` in one atomic write."""
         write_bytes_atomic(self.current_file, f"{name}\n".encode())
@@ -131,6 +142,10 @@ class RestoreLayout:
     @property
     def manifest_dir(self) -> str:
         return join_url(self.root, "_restore_manifest")
+
+    @property
+    def lock_file(self) -> str:
+        return join_url(self.root, LOCK_FILE)
 
     @property
     def commits_dir(self) -> str:
