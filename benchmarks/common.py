@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,3 +66,24 @@ def machine(device: torch.device) -> str:
 
 def now() -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def demo_wall_seconds(device: str = "auto") -> float:
+    """Wall seconds of ``ncpipe demo`` (compress and restore of the shipped samples) in a fresh process,
+    as a user runs it once set up: Python start, imports, Ray and actors included."""
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "ncpipe", "demo", "-o", tmp, "--device", device], check=True,
+                       stdout=subprocess.DEVNULL)
+        return time.perf_counter() - started
+
+
+def print_targets(targets: list[tuple[str, float | None, str, float]]) -> None:
+    """Issue 18's targets as measured in this run: (what, value, ">=" or "<=", target)."""
+    print("targets (this run):")
+    for name, value, op, target in targets:
+        if value is None:
+            print(f"  {name:58s} {'-':>8s}  {op} {target:<5g} not measured")
+            continue
+        met = value >= target if op == ">=" else value <= target
+        print(f"  {name:58s} {value:8.2f}  {op} {target:<5g} {'met' if met else 'NOT met'}")

@@ -167,9 +167,9 @@ def main() -> None:
     if args.one:
         print(json.dumps(one_size(args, args.one)))
         return
-    from benchmarks.common import machine, now
-
     import torch
+
+    from benchmarks.common import machine, now
 
     results = []
     for size in (int(s) for s in args.shards.split(",")):

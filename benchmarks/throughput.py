@@ -7,10 +7,13 @@
 (b) the ncpipe compress job: PNG shards in, bitstream shards and manifests out, on an
     embedded Ray; steady state (sum of per-shard worker seconds) and wall time including
     Ray and actor start-up. Measured with and without per-image metrics.
-(c) CompressAI's own per-image ``model.compress()`` loop with the same model on the device.
+(c) CompressAI's own per-image ``model.compress()`` loop with the same model on the device;
+    (c') the same loop plus its own g_s per image (what per-image metrics need).
 (d) classical encoders (imagecodecs) at a mid quality, one image per CPU core at a time.
+(e) ``ncpipe demo``'s wall time (compress + restore of the shipped samples, fresh process), run first.
 
-Prints a table with the ratios (b)/(a), (b)/(c), (b)/(d) and writes it as JSON.
+Prints a table with the ratios (b)/(a), (b)/(c), (b)/(d), then issue 18's targets as measured in this
+run (ratios against the CompressAI loop, the demo's seconds), and writes it all as JSON.
 Runs small on a CPU machine and full on a GPU machine (``--device cuda``).
 """
 
@@ -27,7 +30,17 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import by_shape, classical_codecs, load_images, machine, now, sync, write_shards
+from benchmarks.common import (
+    by_shape,
+    classical_codecs,
+    demo_wall_seconds,
+    load_images,
+    machine,
+    now,
+    print_targets,
+    sync,
+    write_shards,
+)
 from ncpipe.codec import stack_padded
 from ncpipe.config import ClusterConfig, CompressConfig
 from ncpipe.device import resolve_device
@@ -60,15 +73,23 @@ def model_ceiling(model, images, batch: int, device: torch.device, with_synthesi
 
 
 @torch.inference_mode()
-def compressai_loop(model, images, device: torch.device, repeat: int) -> float:
-    """Images/s of CompressAI's per-image compress() (its own entropy coder and Python loop)."""
+def compressai_loop(model, images, device: torch.device, repeat: int, with_synthesis: bool = False) -> float:
+    """Images/s of CompressAI's per-image compress() (its own entropy coder and Python loop); with
+    ``with_synthesis`` each image's g_s too, on its ŷ (computed before the clock starts)."""
     compression_model = model.adapter.model
     tensors = [stack_padded([image], pin=False).to(device).float().div(255.0) for image in images]
-    compression_model.compress(tensors[0])
+    y_hats = [torch.round(compression_model.g_a(x)) for x in tensors] if with_synthesis else [None] * len(tensors)
+
+    def one(x, y_hat) -> None:
+        compression_model.compress(x)
+        if y_hat is not None:
+            compression_model.g_s(y_hat)
+
+    one(tensors[0], y_hats[0])
     started = time.perf_counter()
     for _ in range(repeat):
-        for x in tensors:
-            compression_model.compress(x)
+        for x, y_hat in zip(tensors, y_hats):
+            one(x, y_hat)
     sync(device)
     return repeat * len(images) / (time.perf_counter() - started)
 
@@ -127,9 +148,12 @@ def main() -> None:
     parser.add_argument("--coder-threads", type=int, help="entropy-coding threads of the job's actor "
                         "(default: its CPUs)")
     parser.add_argument("--baselines", nargs="*", default=["jpeg", "webp", "avif", "jpegxl"])
+    parser.add_argument("--no-demo", action="store_true", help="leave out the demo's wall time")
     parser.add_argument("--out", type=Path, default=Path("out/bench/throughput.json"))
     args = parser.parse_args()
 
+    # first, in a fresh process, before this one starts Ray or loads a model
+    demo_seconds = None if args.no_demo else demo_wall_seconds(args.device)
     device = resolve_device(args.device)
     threads = os.cpu_count() or 1
     paths, images = load_images(args.images, args.count)
@@ -141,6 +165,8 @@ def main() -> None:
         "ceiling_images_per_s": model_ceiling(model, images, args.batch, device, False, args.repeat),
         "ceiling_with_synthesis_images_per_s": model_ceiling(model, images, args.batch, device, True, args.repeat),
         "compressai_loop_images_per_s": compressai_loop(model, images, device, args.repeat),
+        "compressai_loop_with_synthesis_images_per_s": compressai_loop(model, images, device, args.repeat, True),
+        "demo_wall_seconds": demo_seconds,
         "classical_images_per_s": classical(images, args.baselines, threads),
     }
     del model
@@ -171,6 +197,15 @@ def print_table(r: dict) -> None:
         print(f"{name:36s} {rate:10.2f} {ratio:14.2f}")
     print(f"ncpipe wall incl. Ray start-up: {r['ncpipe_no_metrics']['wall_images_per_s']:.2f} images/s; "
           f"(a') row compares (b') with (a').")
+    loop, loop_synthesis = r["compressai_loop_images_per_s"], r["compressai_loop_with_synthesis_images_per_s"]
+    print(f"(c') CompressAI compress() loop + g_s: {loop_synthesis:.2f} images/s")
+    print_targets([
+        ("encode job, no metrics, steady / CompressAI loop", job / loop, ">=", 1.0),
+        ("encode job, no metrics, wall / CompressAI loop", r["ncpipe_no_metrics"]["wall_images_per_s"] / loop,
+         ">=", 0.7),
+        ("encode job, with metrics, steady / (CompressAI loop + g_s)", job_metrics / loop_synthesis, ">=", 0.8),
+        ("ncpipe demo, compress + restore, wall seconds", r["demo_wall_seconds"], "<=", 15.0),
+    ])
 
 
 if __name__ == "__main__":
