@@ -61,7 +61,7 @@ CORRDIFF_FILE = "corrdiff.pt"
 # The knob value at which the decoder replays exactly what the encoder optimised (see knob_coefficient).
 TRANSMITTED_PERCEPTION = 0.5
 
-CoefficientRule = Callable[[int, Tensor], Tensor]  # (step index, x0_diff (B,3,H,W)) -> λ (B,) float64
+CoefficientRule = Callable[[int, Tensor], Tensor]  # (step index, x0_diff (B,3,H,W)) -> λ (B,) or (B, 3) float64
 
 
 class CorrDiffError(NcpipeError, ValueError):
@@ -78,7 +78,10 @@ class CorrDiffConfig:
 
     ``unet.in_channels`` = 3 and ``unet.cond_channels`` = ``latent_features`` are derived here.
     ``steps`` K and ``bits`` b are what the encoder uses unless told otherwise; the decoder always
-    takes them from the bitstream.
+    takes them from the bitstream. ``multiscale``: the conditioner's latent-grid features also enter
+    every U-Net level at that level's resolution (``unet.scale_cond_channels`` = ``conditioner_hidden``).
+    ``coefficient_groups``: 1 transmits one λ per step, 3 one per step and RGB channel (3K coefficients,
+    step-major), each counted in the bitstream's bytes.
     """
 
     latent_channels: int  # M of the codec whose ŷ conditions the network
@@ -88,18 +91,31 @@ class CorrDiffConfig:
     steps: int = 4
     bits: int = 4
     clip_x0: bool = True
+    multiscale: bool = False
+    coefficient_groups: int = 1  # 1: per step; 3: per step and RGB channel
 
     def __post_init__(self) -> None:
         if self.latent_channels < 1 or self.latent_features < 1 or self.conditioner_hidden < 1:
             raise ValueError("latent_channels, latent_features and conditioner_hidden must be >= 1")
-        if not 1 <= self.steps <= fmt.MAX_CORRECTION_STEPS:
-            raise ValueError(f"steps must be in 1..{fmt.MAX_CORRECTION_STEPS}, got {self.steps}")
+        if self.coefficient_groups not in (1, 3):
+            raise ValueError(f"coefficient_groups must be 1 (per step) or 3 (per step and channel), "
+                             f"got {self.coefficient_groups}")
+        if not 1 <= self.steps <= self.max_steps:
+            raise ValueError(f"steps must be in 1..{self.max_steps}, got {self.steps}")
+        if self.multiscale and self.unet.size_multiple > LATENT_STRIDE:
+            raise ValueError("multiscale conditioning needs U-Net levels no coarser than the 16-pixel latent grid")
         if not 1 <= self.bits <= 8:
             raise ValueError(f"bits must be in 1..8, got {self.bits}")
         if LATENT_STRIDE % self.unet.size_multiple and self.unet.size_multiple % LATENT_STRIDE:
             raise ValueError(f"the U-Net's size multiple {self.unet.size_multiple} must divide or be divided by 16")
-        unet = dataclasses.replace(self.unet, in_channels=3, cond_channels=self.latent_features, cond_vector_dim=0)
+        unet = dataclasses.replace(self.unet, in_channels=3, cond_channels=self.latent_features, cond_vector_dim=0,
+                                   scale_cond_channels=self.conditioner_hidden if self.multiscale else 0)
         object.__setattr__(self, "unet", unet)
+
+    @property
+    def max_steps(self) -> int:
+        """The most sampler steps whose coefficients one bitstream extension can carry."""
+        return fmt.MAX_CORRECTION_STEPS // self.coefficient_groups
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(asdict(self))
@@ -125,7 +141,25 @@ class LatentConditioner(nn.Module):
         self.shuffle = nn.PixelShuffle(LATENT_STRIDE)
 
     def forward(self, y_hat: Tensor) -> Tensor:
-        return self.shuffle(self.expand(F.silu(self.latent(y_hat))))
+        return self.shuffle(self.expand(self.hidden(y_hat)))
+
+    def hidden(self, y_hat: Tensor) -> Tensor:
+        """The latent-grid features (B, C, h, w) the full-resolution map is expanded from."""
+        return F.silu(self.latent(y_hat))
+
+    def pyramid(self, y_hat: Tensor, canvas: Sequence[int], levels: int) -> list[Tensor]:
+        """The latent-grid features at each U-Net level's resolution (level i: canvas / 2^i).
+
+        Each latent's features cover its 16 / 2^i pixel block (nearest upsampling keeps the blocks
+        aligned with the codec's grid), then cropped or edge-extended to the level's canvas.
+        """
+        hidden = self.hidden(y_hat)
+        maps = []
+        for level in range(levels):
+            factor = LATENT_STRIDE >> level
+            size = (int(canvas[0]) >> level, int(canvas[1]) >> level)
+            maps.append(fit_canvas(F.interpolate(hidden, scale_factor=float(factor), mode="nearest"), size))
+        return maps
 
 
 class CorrDiffDecoder(nn.Module):
@@ -145,15 +179,22 @@ class CorrDiffDecoder(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, y_hat: Tensor) -> Tensor:
         """x0_diff (model range) for a training batch; x_t is (B, 3, 16h, 16w) for ŷ (B, M, h, w)."""
-        cond = self.conditioner(y_hat.to(x_t.dtype))
-        return self.denoiser(x_t, t, fit_canvas(cond, x_t.shape[-2:]))
+        cond, scales = self.conditioning(y_hat.to(x_t.dtype), x_t.shape[-2:])
+        return self.denoiser(x_t, t, cond, None, scales)
+
+    def conditioning(self, y_hat: Tensor, canvas: Sequence[int]) -> tuple[Tensor, list[Tensor] | None]:
+        """(the full-resolution map on the canvas, the per-level maps when ``multiscale``, else None)."""
+        cond = fit_canvas(self.conditioner(y_hat), canvas)
+        if not self.config.multiscale:
+            return cond, None
+        return cond, self.conditioner.pyramid(y_hat, canvas, len(self.config.unet.channel_mults))
 
     def denoise_fn(self, y_hat: Tensor, canvas: Sequence[int]) -> Denoise:
         """The sampler-facing ``denoise(x_t, t) -> x0_diff`` with the conditioning computed once."""
         # a contiguous ŷ: the encoder's (from analyse) and the decoder's (from decode_symbols) come in different
         # memory layouts, and a convolution's float result depends on the layout it is given
-        cond = fit_canvas(self.conditioner(y_hat.contiguous()), canvas)
-        bound = self.denoiser.bind(cond)
+        cond, scales = self.conditioning(y_hat.contiguous(), canvas)
+        bound = self.denoiser.bind(cond, None, scales)
         if not self.config.clip_x0:
             return bound
         return lambda x_t, t: bound(x_t, t).clamp(-1.0, 1.0)
@@ -178,27 +219,30 @@ class CorrDiffDecoder(nn.Module):
 # -- the method's pure functions --------------------------------------------------------------
 
 
-def optimal_coefficient(x0_diff: Tensor, x_hat: Tensor, x: Tensor) -> Tensor:
-    """λ* = argmin_λ ‖x0_diff + λ(x̂ − x0_diff) − x‖² per image, clamped to [0, 1]; (B,) float64.
+def optimal_coefficient(x0_diff: Tensor, x_hat: Tensor, x: Tensor, per_channel: bool = False) -> Tensor:
+    """λ* = argmin_λ ‖x0_diff + λ(x̂ − x0_diff) − x‖² per image (B,), or per image and channel (B, C)
+    with ``per_channel``, clamped to [0, 1], float64.
 
     λ* = ⟨x − x0_diff, x̂ − x0_diff⟩ / ‖x̂ − x0_diff‖²; 0 where x̂ = x0_diff (every λ is then optimal).
     Affine-invariant: the same in [0, 1] and in [-1, 1].
     """
     if not x0_diff.shape == x_hat.shape == x.shape:
         raise ValueError(f"shapes differ: {tuple(x0_diff.shape)}, {tuple(x_hat.shape)}, {tuple(x.shape)}")
-    direction = (x_hat - x0_diff).double().flatten(1)
-    target = (x - x0_diff).double().flatten(1)
-    num, den = (direction * target).sum(1), direction.square().sum(1)
+    keep = 2 if per_channel else 1
+    direction = (x_hat - x0_diff).double().flatten(keep)
+    target = (x - x0_diff).double().flatten(keep)
+    num, den = (direction * target).sum(-1), direction.square().sum(-1)
     lam = torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
     return lam.clamp(0.0, 1.0)
 
 
 def corrected_estimate(x0_diff: Tensor, x_hat: Tensor, lam: Tensor | float) -> Tensor:
-    """x0_corr = (1 − λ)·x0_diff + λ·x̂, λ a scalar or one per image; exactly x0_diff at λ = 0 and x̂ at λ = 1."""
+    """x0_corr = (1 − λ)·x0_diff + λ·x̂, λ a scalar, one per image (B,) or one per image and channel (B, C);
+    exactly x0_diff at λ = 0 and x̂ at λ = 1."""
     lam = torch.as_tensor(lam, dtype=x0_diff.dtype, device=x0_diff.device)
     if lam.ndim == 0:
         lam = lam.expand(x0_diff.shape[0])
-    lam = lam.reshape(-1, *([1] * (x0_diff.ndim - 1)))
+    lam = lam.reshape(*lam.shape, *([1] * (x0_diff.ndim - lam.ndim)))
     return (1.0 - lam) * x0_diff + lam * x_hat
 
 
@@ -294,11 +338,15 @@ def compute_corrections(
 
     ``decoded`` is what the decoder will hold (``encoder_batch`` builds it from ``LearnedCodec.analyse``);
     ``originals`` are the images (3, h, w) in [0, 1]. λ*_t is the least-squares optimum over each image's
-    own (h, w) pixels; its b-bit quantization λ̃_t is what continues the sampler, so the decoder's
-    replay at p = ½ reproduces the encoder's trajectory. ``seeds`` default to ``seed_for_key(key)``.
+    own (h, w) pixels (and per RGB channel when the decoder's ``coefficient_groups`` is 3); its b-bit
+    quantization λ̃_t is what continues the sampler, so the decoder's replay at p = ½ reproduces the
+    encoder's trajectory. ``seeds`` default to ``seed_for_key(key)``.
     """
     steps = decoder.config.steps if steps is None else steps
     bits = decoder.config.bits if bits is None else bits
+    per_channel = decoder.config.coefficient_groups > 1
+    if not 1 <= steps <= decoder.config.max_steps:
+        raise ValueError(f"steps must be in 1..{decoder.config.max_steps} for this decoder, got {steps}")
     seeds = tuple(seed_for_key(k) for k in decoded.keys) if seeds is None else tuple(int(s) for s in seeds)
     if len(originals) != len(decoded.x_hat) or len(seeds) != len(originals):
         raise ValueError(f"{len(originals)} originals and {len(seeds)} seeds for {len(decoded.x_hat)} images")
@@ -317,12 +365,12 @@ def compute_corrections(
             values = []
             for i, ((h, w), x) in enumerate(zip(canvas.sizes, targets)):
                 crop = (slice(i, i + 1), slice(None), slice(0, h), slice(0, w))
-                lam = float(optimal_coefficient(x0_diff[crop], canvas.x_hat[crop], x[None])[0])
-                quantized = CorrectionCoefficients.quantize(sha, seeds[i], bits, [lam])
-                optimal[i].append(lam)
-                indexes[i].append(quantized.indexes[0])
-                values.append(quantized.values[0])
-            return knob_coefficient(torch.tensor(values, dtype=torch.float64), TRANSMITTED_PERCEPTION)
+                lam = optimal_coefficient(x0_diff[crop], canvas.x_hat[crop], x[None], per_channel)[0].reshape(-1)
+                quantized = CorrectionCoefficients.quantize(sha, seeds[i], bits, lam.tolist())
+                optimal[i].extend(lam.tolist())
+                indexes[i].extend(quantized.indexes)
+                values.append(quantized.values)
+            return knob_coefficient(torch.tensor(values, dtype=torch.float64).squeeze(-1), TRANSMITTED_PERCEPTION)
 
         noise = start_noise(seeds, canvas.x_hat.shape[1:], device, canvas.x_hat.dtype)
         x0 = sample_corrected(canvas.denoise, noise, canvas.x_hat, steps, rule)
@@ -357,15 +405,19 @@ def decode_with_corrections(
                 f"the coefficients were computed for CorrDiff decoder {c.decoder_sha256}, but decoder {sha} is "
                 "loaded: decode with the decoder the archive was compressed for"
             )
-    steps = {len(c.indexes) for c in coefficients}
-    if len(steps) != 1:
-        raise ValueError(f"one decode batch needs one step count K; got {sorted(steps)}")
-    lambdas = knob_coefficient(torch.tensor([c.values for c in coefficients], dtype=torch.float64), perception)
+    groups = decoder.config.coefficient_groups
+    counts = {len(c.indexes) for c in coefficients}
+    if len(counts) != 1 or next(iter(counts)) % groups:
+        raise ValueError(f"one decode batch needs one step count K of {groups} coefficient(s) each; "
+                         f"got {sorted(counts)} coefficients")
+    steps = counts.pop() // groups
+    values = torch.tensor([c.values for c in coefficients], dtype=torch.float64).view(len(coefficients), steps, groups)
+    lambdas = knob_coefficient(values.squeeze(-1) if groups == 1 else values, perception)
     with torch.inference_mode(False), torch.no_grad():
         canvas = _canvas(decoder, decoded)
         noise = start_noise([c.seed for c in coefficients], canvas.x_hat.shape[1:], canvas.x_hat.device,
                             canvas.x_hat.dtype)
-        x0 = sample_corrected(canvas.denoise, noise, canvas.x_hat, steps.pop(), lambda step, _: lambdas[:, step])
+        x0 = sample_corrected(canvas.denoise, noise, canvas.x_hat, steps, lambda step, _: lambdas[:, step])
         return _output(canvas, x0)
 
 

@@ -70,8 +70,12 @@ def register_train(train_subparsers) -> None:
     net = add_network_options(p, affm_help="plain skip connections")
     net.add_argument("--latent-features", type=int, default=8, help="F: channels of the ŷ conditioning map")
     net.add_argument("--conditioner-hidden", type=int, default=64, help="C: width of the conditioner's latent conv")
+    net.add_argument("--multiscale", action="store_true",
+                     help="also feed the latent-grid features to every U-Net level at its resolution")
     enc = p.add_argument_group("encoder defaults (stored in the decoder)")
     enc.add_argument("--sample-steps", type=int, default=4, help="K: sampler steps, one coefficient each")
+    enc.add_argument("--per-channel", action="store_true",
+                     help="transmit one coefficient per step and RGB channel (3K coefficients) instead of per step")
     enc.add_argument("--coefficient-bits", type=int, default=4, help="b: bits per transmitted coefficient")
     add_optimisation_options(p, cache_help="keep the codec-decoded training set here (shared with `train refiner`)")
     p.set_defaults(handler=_train_corrdiff)
@@ -83,7 +87,8 @@ def train_corrdiff_config(args: argparse.Namespace):
 
     return CorrDiffTrainConfig(
         codec=args.codec, latent_features=args.latent_features, conditioner_hidden=args.conditioner_hidden,
-        sample_steps=args.sample_steps, coefficient_bits=args.coefficient_bits, **train_options(args),
+        sample_steps=args.sample_steps, coefficient_bits=args.coefficient_bits, multiscale=args.multiscale,
+        coefficient_groups=3 if args.per_channel else 1, **train_options(args),
     )
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,7 @@ class UNetConfig:
     blocks_per_level: int = 1
     time_embed_dim: int = 128
     cond_vector_dim: int = 0
+    scale_cond_channels: int = 0  # > 0: a conditioning map per resolution level, added at every level
     affm: bool = True
     affm_grid: tuple[int, int] = (8, 8)
     affm_bands: int = 4
@@ -170,6 +171,11 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(widths[0], cfg.in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        # Multi-scale conditioning: a zero-initialised 1x1 projection of the level's map into the features
+        # entering each down level, the middle block and each up level (none when scale_cond_channels = 0).
+        entering = [widths[0]] + widths[:-1] + [widths[-1]] + widths[1:]
+        self.scale_in = nn.ModuleList(_zero_conv1x1(cfg.scale_cond_channels, w) for w in entering) \
+            if cfg.scale_cond_channels else None
 
     def embed(self, t: Tensor, cond_vector: Tensor | None) -> Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.cfg.time_embed_dim))
@@ -188,21 +194,38 @@ class UNet(nn.Module):
         if (cond is None) != (self.cfg.cond_channels == 0):
             raise ValueError(f"cond must be a (B,{self.cfg.cond_channels},H,W) tensor (None iff cond_channels=0)")
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None, cond_vector: Tensor | None = None) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None, cond_vector: Tensor | None = None,
+                scale_cond: Sequence[Tensor] | None = None) -> Tensor:
+        """``scale_cond``: one (B, scale_cond_channels, H/2^i, W/2^i) map per level i (``scale_cond_channels`` > 0)."""
         self._check(x_t, t, cond)
+        inject = self._injector(scale_cond, x_t)
         emb = self.embed(t, cond_vector)
         h = self.conv_in(x_t if cond is None else torch.cat([x_t, cond.to(x_t.dtype)], dim=1))
         skips = []
         for i, level in enumerate(self.down):
-            h = level(h, emb)
+            h = level(inject(h, i, i), emb)
             if i < len(self.downsample):
                 skips.append(h)
                 h = self.downsample[i](h)
-        h = self.mid(h, emb)
+        levels = len(self.down)
+        h = self.mid(inject(h, levels, levels - 1), emb)
         for i in reversed(range(len(self.up))):
             h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+            h = inject(h, levels + 1 + i, i)
             h = self.up[i](torch.cat([h, self.skip_filters[i](skips[i], emb)], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _injector(self, scale_cond: Sequence[Tensor] | None, x_t: Tensor) -> Callable[[Tensor, int, int], Tensor]:
+        """``inject(h, projection index, level)``: h plus the projected map of its level (h itself without maps)."""
+        if self.scale_in is None:
+            return lambda h, index, level: h
+        if scale_cond is None or len(scale_cond) != len(self.down):
+            raise ValueError(f"this UNet needs scale_cond: one map per level ({len(self.down)})")
+        for level, cmap in enumerate(scale_cond):
+            expected = (x_t.shape[0], self.cfg.scale_cond_channels, x_t.shape[-2] >> level, x_t.shape[-1] >> level)
+            if tuple(cmap.shape) != expected:
+                raise ValueError(f"scale_cond[{level}] must have shape {expected}, got {tuple(cmap.shape)}")
+        return lambda h, index, level: h + self.scale_in[index](scale_cond[level].to(h.dtype))
 
 
 Parameterization = Literal["residual", "x0"]
@@ -223,10 +246,19 @@ class Denoiser(nn.Module):
             raise ValueError(f"parameterization must be 'residual' or 'x0', got {parameterization!r}")
         self.net, self.parameterization = net, parameterization
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None, cond_vector: Tensor | None = None) -> Tensor:
-        out = self.net(x_t, t, cond, cond_vector)
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None, cond_vector: Tensor | None = None,
+                scale_cond: Sequence[Tensor] | None = None) -> Tensor:
+        out = self.net(x_t, t, cond, cond_vector, scale_cond)
         return x_t + out if self.parameterization == "residual" else out
 
-    def bind(self, cond: Tensor | None, cond_vector: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+    def bind(self, cond: Tensor | None, cond_vector: Tensor | None = None,
+             scale_cond: Sequence[Tensor] | None = None) -> Callable[[Tensor, Tensor], Tensor]:
         """The sampler-facing closure ``denoise(x_t, t) -> x0_hat`` with the conditioning fixed."""
-        return lambda x_t, t: self(x_t, t, cond, cond_vector)
+        return lambda x_t, t: self(x_t, t, cond, cond_vector, scale_cond)
+
+
+def _zero_conv1x1(cin: int, cout: int) -> nn.Conv2d:
+    conv = nn.Conv2d(cin, cout, 1)
+    nn.init.zeros_(conv.weight)  # starts as no conditioning: the network's other inputs decide at init
+    nn.init.zeros_(conv.bias)
+    return conv

@@ -225,7 +225,8 @@ def _evaluate_image(config: CorrDiffEvalConfig, codec: LearnedCodec, decoder, re
             log.warning("%s: the decoder's output at p = ½ differs from the encoder's replay", name)
         lam = float(knob_coefficient(torch.tensor(coefficients.values, dtype=torch.float64), p).mean())
         rows.append(row(CORRDIFF_METHOD, out, corrected, decode_s, corrdiff_encode, perception=p,
-                        steps=len(coefficients.indexes), bits=coefficients.bits, coefficient_bytes=extension_bytes,
+                        steps=len(coefficients.indexes) // decoder.config.coefficient_groups,
+                        bits=coefficients.bits, coefficient_bytes=extension_bytes,
                         mean_lambda=lam, replay_match=match))
     return rows
 

@@ -65,11 +65,14 @@ class CorrDiffTrainConfig(DiffusionTrainOptions):
     conditioner_hidden: int = 64
     sample_steps: int = 4  # K the encoder uses by default (stored in the decoder's config)
     coefficient_bits: int = 4  # b the encoder uses by default
+    multiscale: bool = False  # the latent-grid features enter every U-Net level too
+    coefficient_groups: int = 1  # 3: one coefficient per step and RGB channel
 
     def corrdiff_config(self, latent_channels: int) -> CorrDiffConfig:
         return CorrDiffConfig(
             latent_channels=latent_channels, unet=self.unet_config(), latent_features=self.latent_features,
             conditioner_hidden=self.conditioner_hidden, steps=self.sample_steps, bits=self.coefficient_bits,
+            multiscale=self.multiscale, coefficient_groups=self.coefficient_groups,
         )
 
 

@@ -247,3 +247,53 @@ def test_corrected_bitstream_is_refused_when_damaged(codec, decoder, images) -> 
     data[-6] ^= 0x01  # a coefficient byte
     with pytest.raises(fmt.BitstreamError, match="CRC32 mismatch in extension 0"):
         read_corrections(bytes(data))
+
+
+def test_per_channel_coefficients_are_least_squares_per_channel() -> None:
+    g = torch.Generator().manual_seed(3)
+    x0, x_hat, x = (torch.rand(2, 3, 8, 8, generator=g) for _ in range(3))
+    lam = optimal_coefficient(x0, x_hat, x, per_channel=True)
+    assert lam.shape == (2, 3)
+    for i in range(2):
+        for c in range(3):
+            assert float(lam[i, c]) == pytest.approx(float(optimal_coefficient(
+                x0[i : i + 1, c : c + 1], x_hat[i : i + 1, c : c + 1], x[i : i + 1, c : c + 1])[0]), abs=1e-12)
+    per_channel = ((corrected_estimate(x0, x_hat, lam) - x) ** 2).sum()
+    shared = ((corrected_estimate(x0, x_hat, optimal_coefficient(x0, x_hat, x)) - x) ** 2).sum()
+    assert float(per_channel) <= float(shared) + 1e-9  # a finer correction is never worse on the encoder's image
+
+
+@pytest.mark.parametrize("multiscale", [False, True])
+def test_per_channel_and_multiscale_decoders_round_trip_every_bit(codec, images, multiscale: bool) -> None:
+    """3K coefficients in the bitstream (counted in its bytes); the decoder replays the encoder exactly; the
+    multi-scale conditioning has one map per level and changes the estimate."""
+    torch.manual_seed(0)
+    identity = codec.model.identity
+    config = CorrDiffConfig(latent_channels=24, unet=TINY_UNET, latent_features=2, conditioner_hidden=8, steps=2,
+                            coefficient_groups=3, multiscale=multiscale)
+    decoder = perturbed(CorrDiffDecoder(config, TrainedCodec(identity.sha256, identity.arch, identity.rate)),
+                        scale=0.02).eval()
+    assert config.max_steps == 21 and (decoder.denoiser.net.scale_in is not None) == multiscale
+    batch = encoded(codec, images)
+    encoder = compute_corrections(decoder, batch, originals(images), bits=4)
+    assert all(len(c.indexes) == 6 for c in encoder.coefficients)
+    plain = codec.encode_batch(images, ["RGB", "RGB"])
+    streams = [attach_corrections(data, c) for data, c in zip(plain, encoder.coefficients)]
+    assert all(len(v2) - len(v1) == 1 + 5 + 38 + (6 * 4 + 7) // 8 + 4 for v1, v2 in zip(plain, streams))
+    headers, symbols = zip(*(codec.decode_symbols(data) for data in streams))
+    parsed = [read_corrections(data) for data in streams]
+    out = corrdiff_decode(decoder, codec, headers, symbols, parsed, TRANSMITTED_PERCEPTION)
+    assert all(torch.equal(o, r) for o, r in zip(out, encoder.replay))
+    if multiscale:
+        canvas = canvas_size(batch.padded, TINY_UNET.size_multiple)
+        maps = decoder.conditioner.pyramid(batch.y_hat, canvas, 2)
+        assert [tuple(m.shape[-2:]) for m in maps] == [canvas, (canvas[0] // 2, canvas[1] // 2)]
+        x_t, t = torch.zeros(2, 3, *canvas), torch.full((2,), 0.5)
+        with torch.no_grad():
+            before = decoder.denoise_fn(batch.y_hat, canvas)(x_t, t)
+            for conv in decoder.denoiser.net.scale_in:
+                conv.weight.zero_()
+            assert not torch.allclose(before, decoder.denoise_fn(batch.y_hat, canvas)(x_t, t))
+        with pytest.raises(ValueError, match="coarser"):
+            CorrDiffConfig(latent_channels=24, unet=dataclasses.replace(TINY_UNET, channel_mults=(1, 1, 1, 1, 1, 1)),
+                           multiscale=True)
