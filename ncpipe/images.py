@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from ncpipe.errors import NcpipeError
+
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"})
 DECODABLE_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"})
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -48,7 +50,7 @@ RESTORED_MODE = {"RGB": "RGB", "L": "L", "P": "RGB", "RGBA": "RGBA", "LA": "LA",
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA"})
 
 
-class ImageRefused(ValueError):
+class ImageRefused(NcpipeError, ValueError):
     """This image member cannot be coded; the message says why."""
 
 
@@ -184,8 +186,13 @@ def restore_image(pixels: np.ndarray, source_mode: str) -> Image.Image:
     return image if target == "RGB" else image.convert(target)
 
 
-def encode_png(image: Image.Image, metadata: ImageMetadata = ImageMetadata()) -> bytes:
-    """PNG bytes of ``image``, with ``metadata`` as eXIf, iCCP and an XMP iTXt chunk."""
+# zlib level of restored PNGs: 1 favours speed. On a codec's reconstructions it encodes several times
+# faster than Pillow's default 6 for files of about the same size (zlib's deeper search finds little in them).
+DEFAULT_PNG_LEVEL = 1
+
+
+def encode_png(image: Image.Image, metadata: ImageMetadata = ImageMetadata(), level: int = DEFAULT_PNG_LEVEL) -> bytes:
+    """PNG bytes of ``image`` at zlib ``level`` (0-9), with ``metadata`` as eXIf, iCCP and an XMP iTXt chunk."""
     extra: dict = {}
     if metadata.exif:
         extra["exif"] = metadata.exif
@@ -196,6 +203,33 @@ def encode_png(image: Image.Image, metadata: ImageMetadata = ImageMetadata()) ->
         text.add_itxt("XML:com.adobe.xmp", metadata.xmp.decode("utf-8"), zip=True)
         extra["pnginfo"] = text
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=6, **extra)
+    image.save(buffer, format="PNG", compress_level=level, **extra)
     return buffer.getvalue()
 
+
+# A restore writes each image in its source's format (what the manifest recorded); these are
+# the formats it can write, by the name Pillow gives them (MPO: a JPEG with extra frames).
+RESTORE_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "BMP": "BMP", "TIFF": "TIFF"}
+DEFAULT_RESTORE_QUALITY = 90  # JPEG and lossy WebP restores: near-transparent to the codec's own loss
+_JPEG_MODES = frozenset({"L", "RGB"})
+
+
+def encode_image(image: Image.Image, image_format: str, metadata: ImageMetadata = ImageMetadata(),
+                 quality: int = DEFAULT_RESTORE_QUALITY, lossless: bool = False) -> bytes:
+    """``image`` as ``image_format`` (a value of :data:`RESTORE_FORMATS`), carrying the metadata the format holds."""
+    if image_format == "PNG":
+        return encode_png(image, metadata)
+    extra: dict = {}
+    if image_format in ("JPEG", "WEBP"):
+        extra = {"lossless": True} if lossless else {"quality": quality}
+        if metadata.exif:  # JPEG's APP1 block starts with its identifier; WebP's EXIF chunk does not
+            extra["exif"] = (b"Exif\x00\x00" if image_format == "JPEG" else b"") + metadata.exif
+        if metadata.xmp:
+            extra["xmp"] = metadata.xmp
+    if metadata.icc_profile and image_format != "BMP":
+        extra["icc_profile"] = metadata.icc_profile
+    if image_format == "JPEG" and image.mode not in _JPEG_MODES:
+        image = image.convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format, **extra)
+    return buffer.getvalue()
