@@ -19,6 +19,8 @@ import fsspec
 from fsspec.core import split_protocol
 
 from ncpipe.errors import NcpipeError
+from ncpipe.io.failures import classify
+from ncpipe.images import IMAGE_EXTENSIONS
 
 SHARD_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
 """What a shard's name ends with; a directory spec picks up every file with one of these."""
@@ -71,18 +73,51 @@ def is_shard_name(path: str) -> bool:
     return path.lower().endswith(SHARD_SUFFIXES)
 
 
+def is_image_name(path: str) -> bool:
+    """Whether ``path`` names an image file (``.jpg``, ``.png``, ...): read as a one-image sample."""
+    return posixpath.splitext(path.split("?", 1)[0])[1].lower().lstrip(".") in IMAGE_EXTENSIONS
+
+
 def expand_inputs(specs: Sequence[str]) -> list[str]:
     """Shard URLs named by ``specs``: in spec order, sorted within a spec, without duplicates.
 
     A spec is a shard URL, a brace pattern (``data-{000000..000009}.tar``), a glob
-    (``dir/*.tar``, ``s3://b/x/**/*.tar``) or a directory/prefix (every shard below it).
+    (``dir/*.tar``, ``s3://b/x/**/*.tar``) or a directory/prefix (every shard below it; every
+    image file below it when it holds no shard). Image files come back as they are: the job
+    groups them into shards (``ncpipe.io.image_files``).
     Local specs come back as absolute paths; others keep their protocol.
     """
     urls: dict[str, None] = {}
     for spec in specs:
-        for url in _expand_spec(spec):
+        for url in _expand_reachable(spec):
             urls.setdefault(url, None)
     return list(urls)
+
+
+def _expand_reachable(spec: str) -> list[str]:
+    """``_expand_spec``, with storage failures named: fsspec's existence checks answer False when the
+    store cannot be reached, so a remote location is first looked up once, and what fails is said."""
+    try:
+        if split_protocol(spec)[0] not in (None, "file", "local", *_QUERY_PROTOCOLS):
+            _look_up(spec)
+        return _expand_spec(spec)
+    except InputError:
+        raise
+    except Exception as err:
+        named = classify(err, f"input {redact(spec)}")
+        if named is None:
+            raise
+        raise named from None
+
+
+def _look_up(spec: str) -> None:
+    """Raise what reaching ``spec``'s store raises; a missing object is no error here."""
+    fs, path = url_to_fs(spec)
+    try:
+        fs.info(path)
+    except FileNotFoundError as err:
+        if classify(err, spec) is not None:  # a missing bucket: nothing below it can exist
+            raise
 
 
 def _expand_spec(spec: str) -> list[str]:
@@ -99,13 +134,37 @@ def _expand_spec(spec: str) -> list[str]:
             raise InputError(f"input {redact(spec)} matches no file")
         return [url_for(fs, p, spec) for p in matches]
     if fs.isdir(path):
-        shards = sorted(p for p in fs.find(path) if is_shard_name(p))
-        if not shards:
-            raise InputError(f"input directory {redact(spec)} holds no shard ({', '.join(SHARD_SUFFIXES)})")
-        return [url_for(fs, p, spec) for p in shards]
+        files = sorted(fs.find(path))
+        # Shards if there are any (a folder of shards may hold previews beside them), else image files.
+        found = [p for p in files if is_shard_name(p)] or [p for p in files if is_image_name(p)]
+        if not found:
+            raise InputError(f"input directory {redact(spec)} holds no shard ({', '.join(SHARD_SUFFIXES)}) "
+                             f"and no image file (.{', .'.join(sorted(IMAGE_EXTENSIONS))})")
+        return [url_for(fs, p, spec) for p in found]
     if not fs.isfile(path):
         raise InputError(f"input {redact(spec)} does not exist")
     return [url_for(fs, path, spec)]
+
+
+def check_output_outside_inputs(specs: Sequence[str], output: str) -> None:
+    """Refuse an output inside a directory, prefix or glob input: the next run would read it back in."""
+    out_protocol, out_path = _location(output)
+    for spec in specs:
+        if "{" in spec or (split_protocol(spec)[0] in _QUERY_PROTOCOLS and "?" in spec):
+            continue  # names files one by one: the output cannot match them
+        protocol, path = _location(spec)
+        base = _GLOB_CHARS.split(path, 1)[0].rsplit("/", 1)[0] if _GLOB_CHARS.search(path) else path
+        if protocol == out_protocol and (out_path == base or out_path.startswith(base.rstrip("/") + "/")):
+            raise InputError(f"output {redact(output)} is inside input {redact(spec)}: a later run would read "
+                             "its own output back in; choose an output outside the input")
+
+
+def _location(url: str) -> tuple[str, str]:
+    """(protocol, normalised path): local paths and ``file://`` URLs made absolute."""
+    protocol, path = split_protocol(url)
+    if protocol in (None, "file", "local"):
+        return "file", os.path.abspath(os.path.expanduser(path))
+    return protocol, posixpath.normpath(path)
 
 
 def _expand_braces(spec: str) -> list[str]:

@@ -33,15 +33,24 @@ from ncpipe.config import CompressConfig
 from ncpipe.diffusion.corrdiff import CorrDiffDecoder, attach_corrections, corrections_for_images
 from ncpipe.images import DecodedImage, ImageRefused, decode_image, is_image_member
 from ncpipe.io.storage import atomic_writer, write_bytes_atomic
-from ncpipe.io.tar_reader import Sample, ShardUnreadable, TarMember, iter_samples
+from ncpipe.io.image_shards import iter_shard_samples
+from ncpipe.io.tar_reader import Sample, ShardUnreadable, TarMember
 from ncpipe.io.tar_writer import TarShardWriter
 from ncpipe.io.urls import redact
-from ncpipe.manifest import STATUS_ERROR, ManifestRow, write_manifest_part
+from ncpipe.manifest import (
+    STATUS_ERROR,
+    STATUS_OK,
+    ManifestRow,
+    carried_accounting,
+    member_sha256,
+    printable_name,
+    write_manifest_part,
+)
+from ncpipe.pipeline.layout import BITSTREAM_EXTENSION
 from ncpipe.pipeline.stages import ShapeBatcher, map_ordered, read_ahead
 
 log = logging.getLogger(__name__)
 
-BITSTREAM_EXTENSION = "ncb"
 EMPTY_SHARD_ERROR = "empty shard: the tar holds no samples"
 
 
@@ -58,6 +67,7 @@ class ShardTask:
     fingerprint: str
     generation: str
     attempt: int = 1
+    files: tuple[str, ...] = ()  # image files read as its samples (ncpipe.io.image_shards); empty: a tar
 
 
 @dataclass
@@ -159,12 +169,12 @@ class ShardCompressor:
         stats.errors = sum(row.status == STATUS_ERROR for row in rows)
         stats.ok = stats.samples - stats.errors
         stats.seconds = time.perf_counter() - started
-        self._commit(task, stats)
+        self._commit(task, stats, carried_accounting(row.carried_sha256 for row in rows))
         return stats
 
     def prepared_items(self, task: ShardTask) -> Iterator[_Prepared]:
         """The input shard's samples, decoded on the pool, in order."""
-        samples = read_ahead(iter_samples(task.input_url), depth=4 * self.config.batch_size)
+        samples = read_ahead(iter_shard_samples(task.input_url, task.files), depth=4 * self.config.batch_size)
         return map_ordered(
             lambda s: prepare(s, self.config.max_pixels),
             samples,
@@ -242,14 +252,14 @@ class ShardCompressor:
         for index, (item, data, (psnr, ms_ssim)) in enumerate(zip(batch.items, bitstreams, batch.scores)):
             sample, image = item.sample, item.image
             data, corrdiff_columns = self._with_corrections(data, batch, index)
-            carried = self._write_coded(item, data, writer)
+            carried, digests = self._write_coded(item, data, writer)
             rows.append(
                 ManifestRow(
                     job_id=task.job_id,
                     source_url=redact(task.input_url),
                     sample_index=sample.index,
-                    key=_printable(sample.key),
-                    member=_printable(item.image_member.name),
+                    key=printable_name(sample.key),
+                    member=printable_name(item.image_member.name),
                     source_format=image.source_format,
                     source_mode=image.source_mode,
                     source_bytes=len(item.image_member.data),
@@ -265,6 +275,7 @@ class ShardCompressor:
                     quality=quality,
                     encode_seconds=seconds_each,
                     carried_members=carried,
+                    carried_sha256=digests,
                     output_shard=redact(task.shard_url),
                     generation=task.generation,
                     **corrdiff_columns,
@@ -284,34 +295,37 @@ class ShardCompressor:
     def apply_lineage(self, row: ManifestRow, lineage: dict) -> ManifestRow:
         return dataclasses.replace(row, **lineage)
 
-    def _write_coded(self, item: _Prepared, bitstream: bytes, writer: TarShardWriter) -> list[str]:
-        """The bitstream takes the image member's place; every other member is carried."""
+    def _write_coded(self, item: _Prepared, bitstream: bytes, writer: TarShardWriter) -> tuple[list[str], list[str]]:
+        """The bitstream takes the image member's place; every other member is carried.
+        Returns the carried members' names and digests."""
         carried = []
         for member in item.sample.members:
             if member is item.image_member:
                 writer.add(f"{item.sample.key}.{BITSTREAM_EXTENSION}", bitstream)
             else:
                 writer.add(member.name, member.data)
-                carried.append(_printable(member.name))
-        return carried
+                carried.append(member)
+        return _names_and_digests(carried)
 
     def _write_passthrough(self, task: ShardTask, item: _Prepared, writer: TarShardWriter,
                            rows: list[ManifestRow]) -> None:
         for member in item.sample.members:
             writer.add(member.name, member.data)
         member = item.image_member
+        names, digests = _names_and_digests(item.sample.members)
         rows.append(
             ManifestRow(
                 job_id=task.job_id,
                 source_url=redact(task.input_url),
                 sample_index=item.sample.index,
-                key=_printable(item.sample.key),
-                member=_printable(member.name) if member else None,
+                key=printable_name(item.sample.key),
+                member=printable_name(member.name) if member else None,
                 source_bytes=len(member.data) if member else None,
                 status=STATUS_ERROR,
                 error=redact(item.error),
                 passthrough=True,
-                carried_members=[_printable(m.name) for m in item.sample.members],
+                carried_members=names,
+                carried_sha256=digests,
                 output_shard=redact(task.shard_url),
                 generation=task.generation,
             )
@@ -321,7 +335,13 @@ class ShardCompressor:
         """An already coded sample that stays as it is (recompression did not select it)."""
         for member in item.sample.members:
             writer.add(member.name, member.data)
-        rows.append(dataclasses.replace(item.kept_row, output_shard=redact(task.shard_url), generation=task.generation))
+        row = item.kept_row
+        if row.carried_sha256 is None:  # a manifest from before digests: record them now
+            # (digests already recorded are kept, so damage since then still shows)
+            ncb = f"{item.sample.key}.{BITSTREAM_EXTENSION}" if row.status == STATUS_OK else None
+            row = dataclasses.replace(
+                row, carried_sha256=_names_and_digests([m for m in item.sample.members if m.name != ncb])[1])
+        rows.append(dataclasses.replace(row, output_shard=redact(task.shard_url), generation=task.generation))
 
     def _shard_error_row(self, task: ShardTask, error: str) -> ManifestRow:
         return ManifestRow(
@@ -331,6 +351,7 @@ class ShardCompressor:
             key="",
             status=STATUS_ERROR,
             error=f"shard unreadable: {error}",
+            carried_sha256=[],
             output_shard=redact(task.shard_url),
             generation=task.generation,
         )
@@ -349,7 +370,7 @@ class ShardCompressor:
                                            "bits": self.config.corrdiff_bits or self.corrdiff.config.bits}
         return metadata
 
-    def _commit(self, task: ShardTask, stats: ShardStats) -> None:
+    def _commit(self, task: ShardTask, stats: ShardStats, carried: dict) -> None:
         marker = {
             "input_url": redact(task.input_url),
             "stem": task.stem,
@@ -361,6 +382,7 @@ class ShardCompressor:
             "errors": stats.errors,
             "shard_error": stats.shard_error,
             "seconds": round(stats.seconds, 3),
+            **carried,
         }
         write_bytes_atomic(task.commit_url, json.dumps(marker, indent=2).encode())
 
@@ -368,9 +390,10 @@ class ShardCompressor:
         self.decode_pool.shutdown(wait=True)
 
 
-def _printable(name: str) -> str:
-    """Member names may hold undecodable bytes (kept via surrogateescape); Parquet needs UTF-8."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+def _names_and_digests(members: Iterable[TarMember]) -> tuple[list[str], list[str]]:
+    """Carried members as the manifest records them: printable names and SHA-256 digests."""
+    members = list(members)
+    return [printable_name(m.name) for m in members], [member_sha256(m.data) for m in members]
 
 
 def _finite_or_none(value: float | None) -> float | None:

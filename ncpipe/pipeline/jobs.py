@@ -29,10 +29,12 @@ from ncpipe.io.storage import (
     size_of,
     write_bytes_atomic,
 )
-from ncpipe.io.urls import expand_inputs, redact, shard_stem
+from ncpipe.io.image_shards import InputShard, input_shards
+from ncpipe.io.urls import check_output_outside_inputs, expand_inputs, redact, shard_stem
 from ncpipe.manifest import RESTORE_SCHEMA, STATUS_ERROR, STATUS_OK, read_manifest
 from ncpipe.models.checkpoint import model_digest, read_checkpoint
 from ncpipe.models.registry import describe_sha256, find_by_sha256, load_model, resolve_model
+from ncpipe.pipeline.committed import ArchiveShard, archive_shards
 from ncpipe.pipeline.distributor import PoolOutcome, ProgressLog, connect, plan_workers, run_on_actors
 from ncpipe.pipeline.writer_lock import lock_output, releases_locks
 from ncpipe.pipeline.layout import (
@@ -41,6 +43,7 @@ from ncpipe.pipeline.layout import (
     GenerationLayout,
     RestoreLayout,
     generation_name,
+    manifest_part_of,
     output_stems,
 )
 
@@ -181,7 +184,8 @@ def run_compress(config: CompressConfig) -> CompressSummary:
     from ncpipe.pipeline.compress import ShardTask
 
     started = time.perf_counter()
-    inputs = expand_inputs(config.inputs)
+    check_output_outside_inputs(config.inputs, config.output)
+    shards = input_shards(expand_inputs(config.inputs))
     sha256 = model_sha256_of(config.model)
     if config.quality is not None:  # the model's default needs no check (nor loading the model here)
         coding_quality(config.model, config.quality)
@@ -203,19 +207,20 @@ def run_compress(config: CompressConfig) -> CompressSummary:
         job["corrdiff"] = {"id": redact(config.corrdiff), "sha256": corrdiff_sha256}
     replace_later_generations(archive, config.overwrite)
     prepare_generation(generation, job, config.overwrite)
-    stems = output_stems(inputs)
+    stems = output_stems([shard.url for shard in shards])
     tasks = [
-        ShardTask(url, stems[url], generation.shard(stems[url]), generation.manifest_part(stems[url]),
-                  generation.commit_marker(stems[url]), job_id, fingerprint, FIRST_GENERATION)
-        for url in inputs
-        if not is_committed(generation.commit_marker(stems[url]), url, fingerprint)
+        ShardTask(shard.url, stems[shard.url], generation.shard(stems[shard.url]),
+                  generation.manifest_part(stems[shard.url]), generation.commit_marker(stems[shard.url]), job_id,
+                  fingerprint, FIRST_GENERATION, files=shard.files)
+        for shard in shards
+        if not is_committed(generation.commit_marker(stems[shard.url]), shard.url, fingerprint)
     ]
-    log.info("%d input shards: %d to compress, %d already committed", len(inputs), len(tasks), len(inputs) - len(tasks))
+    log.info("%d input shards: %d to compress, %d already committed", len(shards), len(tasks), len(shards) - len(tasks))
     outcome = run_tasks(config.cluster, tasks, CompressActor, config, "compress")
     clear_partials(job_id, generation.shards_dir, generation.manifest_dir, generation.commits_dir)
     failed = [redact(f.task.input_url) for f in outcome.failures]
     summary = summarise_compress(
-        generation, job, inputs, len(inputs) - len(tasks), failed, time.perf_counter() - started,
+        generation, job, shards, len(shards) - len(tasks), failed, time.perf_counter() - started,
         sum(result.samples for result in outcome.results),
     )
     summary = dataclasses.replace(summary, failure_reasons=[f.describe() for f in outcome.failures])
@@ -259,7 +264,7 @@ def run_tasks(cluster: ClusterConfig, tasks: list, actor_class, config, label: s
 def summarise_compress(
     generation: GenerationLayout,
     job: dict[str, Any],
-    inputs: list[str],
+    inputs: list[InputShard],
     skipped: int,
     failed: list[str],
     wall_seconds: float,
@@ -280,7 +285,7 @@ def summarise_compress(
         errors=table.num_rows - ok.num_rows,
         image_bytes=_sum(ok["source_bytes"]),
         bitstream_bytes=_sum(ok["compressed_bytes"]),
-        input_shard_bytes=sum(size_of(url) for url in inputs),
+        input_shard_bytes=sum(size_of(url) for shard in inputs for url in shard.files or (shard.url,)),
         output_shard_bytes=sum(size_of(url) for url in list_files(generation.shards_dir, suffix=".tar")),
         mean_bpp=_mean(ok["bpp"]),
         mean_psnr=_mean(ok["psnr"]),
@@ -344,8 +349,10 @@ class RestoreSummary:
         return "\n".join(lines)
 
 
-def bitstream_shards(specs: tuple[str, ...]) -> tuple[list[str], dict[str, Any] | None]:
-    """Archive root, generation directory or shard specs -> (shard URLs, the archive's job.json)."""
+def bitstream_shards(specs: tuple[str, ...]) -> tuple[list[ArchiveShard], dict[str, Any] | None]:
+    """Archive root, generation directory or shard specs -> (shards, the archive's job.json). An
+    archive's shards are those its commit markers name (and uncommitted ones, to report), never a
+    listing of its tars."""
     if len(specs) == 1:
         archive = ArchiveLayout(specs[0])
         current = archive.current_generation()
@@ -354,8 +361,8 @@ def bitstream_shards(specs: tuple[str, ...]) -> tuple[list[str], dict[str, Any] 
         for generation in candidates:
             if exists(generation.job_file):
                 job = json.loads(read_bytes(generation.job_file))
-                return list_files(generation.shards_dir, suffix=".tar"), job
-    return expand_inputs(specs), None
+                return archive_shards(generation), job
+    return [ArchiveShard(url) for url in expand_inputs(specs)], None
 
 
 def check_model_available(job: dict[str, Any] | None, model: str | None) -> None:
@@ -383,7 +390,8 @@ def check_corrdiff_archive(job: dict[str, Any] | None, config: DecompressConfig)
 def restore_fingerprint(config: DecompressConfig) -> str:
     """What must match for a restored shard to count as done on resume."""
     relevant = {"to": config.to, "model": config.model, "max_pixels": config.max_pixels, "refiner": config.refiner,
-                "refine_steps": config.refine_steps, "guidance": config.guidance}
+                "refine_steps": config.refine_steps, "guidance": config.guidance,
+                "image_format": config.image_format, "jpeg_quality": config.jpeg_quality}
     if config.decoder == "corrdiff":  # only then, so restores without CorrDiff keep the fingerprints they had
         relevant["corrdiff"] = {"sha256": corrdiff_sha256_of(config.corrdiff), "perception": config.perception}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
@@ -406,12 +414,13 @@ def run_decompress(config: DecompressConfig) -> RestoreSummary:
     lock_output(restore.lock_file, job_id, "decompress")
     if config.overwrite:
         remove_tree(config.output, keep=(restore.lock_file,))
-    stems = output_stems(shards)
+    stems = output_stems([shard.url for shard in shards])
     tasks = [
-        RestoreTask(url, stems[url], restore.output(stems[url], config.to), restore.manifest_part(stems[url]),
-                    restore.commit_marker(stems[url]), job_id, fingerprint)
-        for url in shards
-        if not is_committed(restore.commit_marker(stems[url]), url, fingerprint)
+        RestoreTask(shard.url, stems[shard.url], restore.output(stems[shard.url], config.to),
+                    restore.manifest_part(stems[shard.url]), restore.commit_marker(stems[shard.url]), job_id,
+                    fingerprint, source_manifest_url=manifest_part_of(shard.url), committed=shard.committed)
+        for shard in shards
+        if not is_committed(restore.commit_marker(stems[shard.url]), shard.url, fingerprint)
     ]
     outcome = run_tasks(config.cluster, tasks, DecompressActor, config, "decompress")
     clear_partials(job_id, restore.root, restore.manifest_dir, restore.commits_dir)

@@ -29,6 +29,7 @@ from ncpipe.io.urls import join_url, shard_stem
 
 CURRENT_FILE = "CURRENT"
 LOCK_FILE = "_LOCK"
+BITSTREAM_EXTENSION = "ncb"  # a coded image's member in a bitstream shard: <key>.ncb
 FIRST_GENERATION = "g0000"
 JOB_FILE = "job.json"
 _GENERATION_NAME = re.compile(r"^g\d{4,}$")
@@ -51,6 +52,15 @@ def output_stems(input_urls: list[str]) -> dict[str, str]:
         else f"{shard_stem(url)}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
         for url in input_urls
     }
+
+
+def manifest_part_of(shard_url: str) -> str | None:
+    """The manifest part beside a generation's bitstream shard (``.../shards/<s>.tar`` ->
+    ``.../manifest/<s>.parquet``); None for a shard outside an archive's layout."""
+    folder, name = posixpath.split(shard_url.rstrip("/"))
+    if posixpath.basename(folder) != "shards":
+        return None
+    return GenerationLayout(posixpath.dirname(folder)).manifest_part(shard_stem(name))
 
 
 @dataclass(frozen=True)

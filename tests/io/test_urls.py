@@ -7,7 +7,15 @@ from urllib.parse import quote
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from ncpipe.io.urls import InputError, expand_inputs, join_url, redact, shard_stem, url_to_fs
+from ncpipe.io.urls import (
+    InputError,
+    check_output_outside_inputs,
+    expand_inputs,
+    join_url,
+    redact,
+    shard_stem,
+    url_to_fs,
+)
 from tests.conftest import TEST_SECRET
 from tests.helpers import put_bytes
 
@@ -143,3 +151,40 @@ def test_many_brace_names_in_one_directory_are_checked_with_one_listing(tmp_path
     assert expand_inputs([str(tmp_path / "s-{000..019}.tar")]) == shards
     with pytest.raises(InputError, match=r"s-020.tar does not exist \(2 missing\)"):
         expand_inputs([str(tmp_path / "s-{000..021}.tar")])
+
+
+def test_a_folder_without_shards_gives_its_image_files(tmp_path):
+    images = _touch(tmp_path, "photos/b.JPG", "photos/a.jpg", "photos/sub/c.png")
+    _touch(tmp_path, "photos/notes.txt")
+    assert expand_inputs([str(tmp_path / "photos")]) == [images[1], images[0], images[2]]
+    assert expand_inputs([str(tmp_path / "photos" / "*.jpg")]) == [images[1]]
+    assert expand_inputs([images[0]]) == [images[0]]
+    shards = _touch(tmp_path, "photos/x.tar")  # a folder with shards gives its shards (previews beside them stay)
+    assert expand_inputs([str(tmp_path / "photos")]) == shards
+
+
+@pytest.mark.parametrize("spec, output", [
+    ("IN", "IN/archive"),
+    ("IN/", "IN"),
+    ("IN/*.tar", "IN/sub/archive"),
+    ("file://{root}/IN", "{root}/IN/archive"),
+    ("s3://bucket/in", "s3://bucket/in/archive"),
+    ("s3://bucket/in/**/*.jpg", "s3://bucket/in/x/archive"),
+])
+def test_an_output_inside_an_input_is_refused(tmp_path, monkeypatch, spec, output):
+    monkeypatch.chdir(tmp_path)
+    spec, output = spec.format(root=tmp_path), output.format(root=tmp_path)
+    with pytest.raises(InputError, match="inside input .*choose an output outside the input"):
+        check_output_outside_inputs([spec], output)
+
+
+@pytest.mark.parametrize("spec, output", [
+    ("IN", "INPUT/archive"),
+    ("IN/data-{000..009}.tar", "IN/archive"),  # names its files one by one
+    ("IN/a.tar", "out/archive"),
+    ("s3://bucket/in", "s3://bucket/out"),
+    ("s3://bucket/in", "IN/archive"),
+])
+def test_an_output_beside_the_inputs_is_accepted(tmp_path, monkeypatch, spec, output):
+    monkeypatch.chdir(tmp_path)
+    check_output_outside_inputs([spec], output)

@@ -1,0 +1,39 @@
+"""Image files as compress input: grouped into shards per folder, one sample per file with a stable key."""
+
+from ncpipe.io import image_shards
+from ncpipe.io.image_shards import InputShard, input_shards, iter_shard_samples
+from tests.helpers import put_bytes, tar_bytes
+
+
+def test_image_files_are_grouped_per_folder_and_tar_shards_stay_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(image_shards, "IMAGES_PER_SHARD", 2)
+    a, b, c, d = (str(tmp_path / name) for name in ("p/a.jpg", "p/b.jpg", "p/c.png", "q/d.jpg"))
+    shard = str(tmp_path / "s.tar")
+    assert input_shards([a, b, c, shard, d]) == [
+        InputShard(str(tmp_path / "p/images-000000"), (a, b)),
+        InputShard(str(tmp_path / "p/images-000001"), (c,)),
+        InputShard(shard),
+        InputShard(str(tmp_path / "q/images-000000"), (d,)),
+    ]
+    assert input_shards(["s3://b/x/a.jpg"]) == [InputShard("s3://b/x/images-000000", ("s3://b/x/a.jpg",))]
+
+
+def test_each_file_is_a_sample_keyed_by_its_name(tmp_path):
+    files = [str(tmp_path / name) for name in ("IMG.0001.JPG", "b.png", "b.jpg")]
+    for i, url in enumerate(files):
+        put_bytes(url, b"image %d" % i)
+    group = str(tmp_path / "images-000000")
+    samples = list(iter_shard_samples(group, (*files, str(tmp_path / "gone.png"))))
+    assert [(s.key, [m.name for m in s.members], s.index) for s in samples] == [
+        ("IMG_0001", ["IMG_0001.JPG"], 0), ("b", ["b.png"], 1), ("b", ["b.jpg"], 2), ("gone", [], 3),
+    ]
+    assert samples[0].members[0].data == b"image 0" and samples[0].members[0].extension == "jpg"
+    assert samples[0].source_url == group and samples[0].error is None
+    assert "duplicate key 'b'" in samples[2].error
+    assert samples[3].error.startswith(f"cannot read {tmp_path / 'gone.png'}")
+
+
+def test_a_tar_shard_reads_as_before(tmp_path):
+    (tmp_path / "s.tar").write_bytes(tar_bytes([("k.jpg", b"x"), ("k.cls", b"1")]))
+    (sample,) = iter_shard_samples(str(tmp_path / "s.tar"))
+    assert sample.key == "k" and [m.name for m in sample.members] == ["k.jpg", "k.cls"]
