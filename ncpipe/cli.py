@@ -9,12 +9,12 @@ import argparse
 import importlib
 import logging
 import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 from ncpipe import __version__
 from ncpipe.config import (
     DEFAULT_MODEL,
+    RESTORE_CHOICES,
     ClusterConfig,
     CompressConfig,
     ConfigError,
@@ -23,12 +23,11 @@ from ncpipe.config import (
 )
 from ncpipe.errors import NcpipeError
 from ncpipe.exit_status import EXIT_INTERRUPTED, EXIT_USAGE, add_allow_errors, job_exit_status
-from ncpipe.images import DEFAULT_MAX_PIXELS
+from ncpipe.images import DEFAULT_MAX_PIXELS, DEFAULT_RESTORE_QUALITY
+from ncpipe.resources import demo_shards_dir
 
 log = logging.getLogger("ncpipe")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_SHARDS = REPO_ROOT / "samples" / "shards"
 
 
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
@@ -98,8 +97,9 @@ def _compress(args: argparse.Namespace) -> int:
 def _add_decompress(sub) -> None:
     p = sub.add_parser(
         "decompress",
-        help="restore bitstream shards (or a whole archive) to PNG image shards or files",
-        description="Decode every <key>.ncb back to <key>.png; every other member is restored unchanged. "
+        help="restore bitstream shards (or a whole archive) to image shards or files",
+        description="Decode every <key>.ncb back to an image under its source's name (<key>.jpg as JPEG, "
+        "<key>.png as PNG, ...; see --format); every other member is restored unchanged. "
         "Bitstreams are decoded with the model whose SHA-256 they carry (found in the model registry, "
         "or given with --model); one that cannot be decoded is written through unchanged with an error row.",
     )
@@ -107,7 +107,13 @@ def _add_decompress(sub) -> None:
                    "directory, or bitstream shard URLs/patterns")
     p.add_argument("-o", "--output", required=True, help="where restored shards (or directories) go")
     p.add_argument("--to", choices=("shards", "directory"), default="shards",
-                   help="write tar shards of PNGs (default) or plain files under <output>/<shard>/")
+                   help="write tar shards (default) or plain files under <output>/<shard>/")
+    p.add_argument("--format", choices=RESTORE_CHOICES, default="original",
+                   help="original (default): each image in its source's format and extension (JPEG stays .jpg, "
+                   "PNG stays .png; PNG where the archive's manifest does not say); png or webp-lossless: every "
+                   "image in that format")
+    p.add_argument("--jpeg-quality", type=int, default=DEFAULT_RESTORE_QUALITY, metavar="Q",
+                   help=f"quality 1..100 of JPEG (and lossy WebP) restores (default: {DEFAULT_RESTORE_QUALITY})")
     p.add_argument("-m", "--model",
                    help="checkpoint or registry name to decode with (default: the one each bitstream names)")
     p.add_argument("--refiner", help="NC-Diffusion refiner checkpoint applied to the codec's reconstruction "
@@ -136,8 +142,8 @@ def _decompress(args: argparse.Namespace) -> int:
     from ncpipe.pipeline.jobs import run_decompress
 
     config = DecompressConfig(
-        inputs=tuple(args.inputs), output=args.output, model=args.model, to=args.to, refiner=args.refiner,
-        refine_steps=args.steps, guidance=args.guidance, decoder=args.decoder, corrdiff=args.corrdiff,
+        inputs=tuple(args.inputs), output=args.output, model=args.model, to=args.to, image_format=args.format,
+        jpeg_quality=args.jpeg_quality, refiner=args.refiner, refine_steps=args.steps, guidance=args.guidance, decoder=args.decoder, corrdiff=args.corrdiff,
         perception=args.perception, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
         max_pixels=args.max_pixels, cluster=_cluster(args),
     )
@@ -191,8 +197,8 @@ def _recompress(args: argparse.Namespace) -> int:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="compress the shipped sample shards with the default model, then restore them",
-                       description=f"Runs compress on {DEMO_SHARDS.relative_to(REPO_ROOT)}/*.tar with model "
-                       f"{DEFAULT_MODEL} into <output>/archive, then decompress into <output>/restored.")
+                       description="Runs compress on the sample shards that come with ncpipe (samples/shards/*.tar) "
+                       f"with model {DEFAULT_MODEL} into <output>/archive, then decompress into <output>/restored.")
     p.add_argument("-o", "--output", default="out/demo", help="demo output folder (default: out/demo)")
     p.add_argument("--device", default="auto")
     p.set_defaults(handler=_demo)
@@ -202,7 +208,7 @@ def _demo(args: argparse.Namespace) -> int:
     from ncpipe.pipeline.jobs import run_compress, run_decompress
 
     archive, restored = f"{args.output}/archive", f"{args.output}/restored"
-    compressed = run_compress(CompressConfig(inputs=(str(DEMO_SHARDS),), output=archive, device=args.device,
+    compressed = run_compress(CompressConfig(inputs=(str(demo_shards_dir()),), output=archive, device=args.device,
                                              overwrite=True))
     print("== compress ==")
     print(compressed.text())

@@ -14,9 +14,10 @@ from typing import Any, Mapping
 
 from ncpipe.bitstream import MAX_CORRECTION_STEPS, MAX_QUALITY
 from ncpipe.errors import NcpipeError
-from ncpipe.images import DEFAULT_MAX_PIXELS
+from ncpipe.images import DEFAULT_MAX_PIXELS, DEFAULT_RESTORE_QUALITY
 
 DEFAULT_MODEL = "mbt2018-mean-vbr-small"  # the variable-rate codec: `--quality` picks the rate
+RESTORE_CHOICES = ("original", "png", "webp-lossless")  # DecompressConfig.image_format
 
 
 class ConfigError(NcpipeError, ValueError):
@@ -133,7 +134,11 @@ class DecompressConfig:
     inputs: tuple[str, ...]  # an archive root, a generation directory, or bitstream shards
     output: str
     model: str | None = None  # None: the model the archive's manifest names
-    to: str = "shards"  # "shards" (WebDataset tars of PNGs) or "directory" (files)
+    to: str = "shards"  # "shards" (WebDataset tars) or "directory" (files)
+    # "original": each image in its source's format and extension (from the archive's manifest;
+    # PNG where there is none); "png" or "webp-lossless": every image in that format
+    image_format: str = "original"
+    jpeg_quality: int = DEFAULT_RESTORE_QUALITY  # quality of JPEG and lossy WebP restores, 1..100
     refiner: str | None = None  # an NC-Diffusion refiner checkpoint applied after the codec's synthesis
     refine_steps: int = 4
     guidance: float = 0.0  # zero-shot sample-guided enhancement strength S (0: off)
@@ -151,6 +156,9 @@ class DecompressConfig:
             raise ConfigError("inputs: an archive or bitstream shards are required")
         if self.to not in ("shards", "directory"):
             raise ConfigError(f"to: must be 'shards' or 'directory', not {self.to!r}")
+        if self.image_format not in RESTORE_CHOICES:
+            raise ConfigError(f"image_format: must be one of {', '.join(RESTORE_CHOICES)}, not {self.image_format!r}")
+        _in_range(self, "jpeg_quality", 1, 100)
         if not 0.0 <= self.guidance <= 2.0:
             raise ConfigError(f"guidance: must be in [0, 2], got {self.guidance!r}")
         self._check_corrdiff()

@@ -1,4 +1,9 @@
-"""Restoring one bitstream shard: ``<key>.ncb`` back to ``<key>.png``, every other member carried.
+"""Restoring one bitstream shard: ``<key>.ncb`` back to an image, every other member carried.
+
+The image is written in its source's format under its source's extension (``<key>.jpg`` as
+JPEG at ``jpeg_quality``, ``<key>.png`` as PNG, ...), as the archive's manifest part for the
+shard recorded them; as PNG where no manifest says (bare bitstream shards), or in the one
+format ``image_format`` names.
 
 Each bitstream names the model that wrote it (its SHA-256); the worker loads that model
 from the registry on first use (or uses the one given) and keeps it. A bitstream whose
@@ -19,6 +24,7 @@ import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,15 +37,16 @@ from ncpipe.config import DecompressConfig
 from ncpipe.diffusion.corrdiff import CorrDiffMismatchError, corrdiff_decode, load_corrdiff, read_corrections
 from ncpipe.diffusion.guidance import GuidanceConfig
 from ncpipe.diffusion.refiner import RefinerMismatchError, decoded_batch, load_refiner
-from ncpipe.images import ImageMetadata, encode_png, restore_image
-from ncpipe.io.storage import atomic_writer, write_bytes_atomic
+from ncpipe.images import RESTORE_FORMATS, ImageMetadata, encode_image, restore_image
+from ncpipe.io.storage import atomic_writer, exists, write_bytes_atomic
 from ncpipe.io.tar_reader import Sample, ShardUnreadable, TarMember, iter_samples
 from ncpipe.io.tar_writer import TarShardWriter
 from ncpipe.io.urls import join_url, redact
-from ncpipe.manifest import STATUS_ERROR, STATUS_OK, RestoreRow, write_restore_part
+from ncpipe.manifest import STATUS_ERROR, STATUS_OK, RestoreRow, printable_name, read_part, write_restore_part
 from ncpipe.models.checkpoint import CheckpointError
 from ncpipe.models.registry import describe_sha256, find_by_sha256, load_model
-from ncpipe.pipeline.compress import BITSTREAM_EXTENSION, ShardStats, _printable
+from ncpipe.pipeline.committed import MANIFEST_ERRORS, SampleCheck, ShardExpectations
+from ncpipe.pipeline.compress import BITSTREAM_EXTENSION, ShardStats
 from ncpipe.pipeline.stages import ShapeBatcher, map_ordered, read_ahead
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,39 @@ class RestoreTask:
     job_id: str
     fingerprint: str
     attempt: int = 1
+    source_manifest_url: str | None = None  # the archive's manifest part of this shard: each source's format
+    committed: bool = True  # False: the archive has no commit marker for this shard, which is not read
+
+
+@dataclass(frozen=True)
+class RestoreFormats:
+    """How each restored image is named and encoded: as its source was (extension and format, from the
+    archive's manifest), or one format for every image (``DecompressConfig.image_format``)."""
+
+    choice: str
+    quality: int
+    sources: dict[str, tuple[str, str]]  # sample key -> (source member's extension, source format)
+
+    def target(self, key: str) -> tuple[str, str, bool]:
+        """(extension, Pillow format, lossless) of one restored image; PNG when its source is unknown."""
+        if self.choice == "webp-lossless":
+            return "webp", "WEBP", True
+        source = self.sources.get(key) if self.choice == "original" else None
+        if source and source[1] in RESTORE_FORMATS:
+            return source[0], RESTORE_FORMATS[source[1]], False
+        return RESTORED_EXTENSION, "PNG", False
+
+
+def source_formats(manifest_url: str | None) -> dict[str, tuple[str, str]]:
+    """Sample key -> (extension, format) of the images a compress manifest part records as coded."""
+    if manifest_url is None or not exists(manifest_url):
+        return {}
+    table = read_part(manifest_url)
+    return {
+        row["key"]: (row["member"].rsplit("/", 1)[-1].partition(".")[2], row["source_format"])
+        for row in table.select(["key", "member", "source_format", "status"]).to_pylist()
+        if row["status"] == STATUS_OK and row["member"] and row["source_format"]
+    }
 
 
 @dataclass
@@ -70,6 +110,19 @@ class _Parsed:
     seconds: float = 0.0
     corrections: fmt.CorrectionCoefficients | None = None  # read only when decoding with CorrDiff
     metadata: ImageMetadata = ImageMetadata()  # EXIF / ICC / XMP the source carried (version 4)
+    check: SampleCheck | None = None  # against the archive manifest (None: bare shards)
+
+    @property
+    def index(self) -> int:
+        """The sample's index in the archive manifest (its input position; -1: not listed there), or
+        its position in the shard when restoring bare shards."""
+        if self.check is None:
+            return self.sample.index
+        return self.check.expected.sample_index if self.check.expected else -1
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        return self.check.problems if self.check else ()
 
 
 class CodecCache:
@@ -143,13 +196,15 @@ class ShardDecompressor:
         started = time.perf_counter()
         stats = ShardStats(task.stem)
         rows: list[RestoreRow] = []
+        expectations = self._expectations(task, rows)
         try:
+            if not task.committed:
+                raise ShardUnreadable("the archive has no commit marker for it (its job did not finish it)")
             with self._sink(task) as sink:
-                self._restore_samples(task, sink, rows)
+                self._restore_samples(task, sink, rows, expectations)
         except ShardUnreadable as err:
             stats.shard_error = redact(str(err))
-            rows = [RestoreRow(task.job_id, redact(task.input_url), -1, "", status=STATUS_ERROR,
-                               error=f"shard unreadable: {stats.shard_error}")]
+            rows += self._missing_rows(task, expectations, f"shard unreadable: {stats.shard_error}")
         write_restore_part(rows, task.manifest_url, {"ncpipe_job_id": task.job_id})
         stats.samples = len(rows)
         stats.errors = sum(row.status == STATUS_ERROR for row in rows)
@@ -165,9 +220,42 @@ class ShardDecompressor:
             return _DirectorySink(task.output_url)
         return _TarSink(task.output_url)
 
-    def _restore_samples(self, task: RestoreTask, sink, rows: list[RestoreRow]) -> None:
+    def _expectations(self, task: RestoreTask, rows: list[RestoreRow]) -> ShardExpectations | None:
+        """What the archive manifest says the shard holds (None for bare shards, or with an error row
+        when the part cannot be read)."""
+        if task.source_manifest_url is None:
+            return None
+        try:
+            return ShardExpectations.read(task.source_manifest_url)
+        except MANIFEST_ERRORS as err:
+            rows.append(RestoreRow(task.job_id, redact(task.input_url), -1, "", status=STATUS_ERROR,
+                                   error=redact(f"archive manifest part unreadable ({type(err).__name__}: {err}): "
+                                                "samples not checked against it")))
+            return None
+
+    def _missing_rows(self, task: RestoreTask, expectations: ShardExpectations | None,
+                      reason: str) -> list[RestoreRow]:
+        """An error row for each sample the manifest lists and the shard did not give (one shard-level
+        row without a manifest)."""
+        if expectations is None or not expectations.order:
+            return [RestoreRow(task.job_id, redact(task.input_url), -1, "", status=STATUS_ERROR, error=reason)]
+        return self._unmatched_rows(task, expectations, reason)
+
+    def _unmatched_rows(self, task: RestoreTask, expectations: ShardExpectations, reason: str) -> list[RestoreRow]:
+        return [RestoreRow(task.job_id, redact(task.input_url), e.sample_index, e.key, status=STATUS_ERROR,
+                           error=reason) for e in expectations.unmatched()]
+
+    def _restore_samples(self, task: RestoreTask, sink, rows: list[RestoreRow],
+                         expectations: ShardExpectations | None) -> None:
+        formats = RestoreFormats(self.config.image_format, self.config.jpeg_quality,
+                                 source_formats(task.source_manifest_url))
         samples = read_ahead(iter_samples(task.input_url), depth=4 * self.config.batch_size)
-        parsed = map_ordered(self._parse, samples, self.pool, window=2 * self.config.batch_size)
+        if expectations is not None:  # matched in archive order, before the pool
+            checks = map(expectations.check, samples)
+            parsed = map_ordered(lambda c: dataclasses.replace(self._parse(c.sample), check=c), checks, self.pool,
+                                 window=2 * self.config.batch_size)
+        else:
+            parsed = map_ordered(self._parse, samples, self.pool, window=2 * self.config.batch_size)
         batcher: ShapeBatcher[_Parsed] = ShapeBatcher(self.config.batch_size)
         for item in parsed:
             if item.error is not None or item.member is None:
@@ -177,9 +265,11 @@ class ShardDecompressor:
             steps = len(item.corrections.indexes) if item.corrections else 0
             key = (item.header.model_sha256, item.header.y_shape, steps)
             for batch in batcher.add(key, item):
-                self._synthesise_and_write(task, batch, sink, rows)
+                self._synthesise_and_write(task, batch, sink, rows, formats)
         for batch in batcher.flush():
-            self._synthesise_and_write(task, batch, sink, rows)
+            self._synthesise_and_write(task, batch, sink, rows, formats)
+        if expectations is not None:
+            rows += self._unmatched_rows(task, expectations, expectations.missing_reason())
         self.on_progress(len(rows))
 
     def _parse(self, sample: Sample) -> _Parsed:
@@ -199,25 +289,27 @@ class ShardDecompressor:
         return _Parsed(sample, member, header, symbols, codec, seconds=time.perf_counter() - started,
                        corrections=corrections, metadata=metadata)
 
-    def _synthesise_and_write(self, task: RestoreTask, batch: list[_Parsed], sink, rows: list[RestoreRow]) -> None:
+    def _synthesise_and_write(self, task: RestoreTask, batch: list[_Parsed], sink, rows: list[RestoreRow],
+                              formats: RestoreFormats) -> None:
         started = time.perf_counter()
         images, decode_errors = self._decode(batch)
-        pngs = list(self.pool.map(
-            lambda pair: encode_png(restore_image(to_uint8_image(pair[1]), pair[0].header.source_mode),
-                                    pair[0].metadata),
-            zip(batch, images),
+        targets = [formats.target(printable_name(item.sample.key)) for item in batch]
+        encoded = list(self.pool.map(
+            lambda args: encode_image(restore_image(to_uint8_image(args[1]), args[0].header.source_mode),
+                                      args[2][1], args[0].metadata, formats.quality, lossless=args[2][2]),
+            zip(batch, images, targets),
         ))
         share = (time.perf_counter() - started) / len(batch)
-        for item, png, decode_error in zip(batch, pngs, decode_errors):
-            name = f"{item.sample.key}.{RESTORED_EXTENSION}"
-            written, refused = sink.write_sample(item.sample, _Replacement(item.member, name, png))
+        for item, data, target, decode_error in zip(batch, encoded, targets, decode_errors):
+            name = f"{item.sample.key}.{target[0]}"
+            written, refused = sink.write_sample(item.sample, _Replacement(item.member, name, data))
             rows.append(RestoreRow(
-                task.job_id, redact(task.input_url), item.sample.index, _printable(item.sample.key),
-                member=_printable(item.member.name), output=written, width=item.header.width,
+                task.job_id, redact(task.input_url), item.index, printable_name(item.sample.key),
+                member=printable_name(item.member.name), output=written, width=item.header.width,
                 height=item.header.height, model_sha256=item.header.model_sha256,
                 decode_seconds=item.seconds + share,
-                status=STATUS_ERROR if refused or decode_error else STATUS_OK,
-                error="; ".join(filter(None, [decode_error, _refused_message(refused)])) or None,
+                status=STATUS_ERROR if refused or decode_error or item.problems else STATUS_OK,
+                error="; ".join(filter(None, [*item.problems, decode_error, _refused_message(refused)])) or None,
                 **self.decoder_columns(decode_error),
             ))
 
@@ -277,10 +369,11 @@ class ShardDecompressor:
 
     def _write_through(self, task: RestoreTask, item: _Parsed, sink, rows: list[RestoreRow]) -> None:
         written, refused = sink.write_sample(item.sample, None)
-        error = item.error or "no bitstream member (the sample was stored unchanged at compression)"
+        stored = "no bitstream member (the sample was stored unchanged at compression)"
+        error = "; ".join([*item.problems, item.error or stored])
         rows.append(RestoreRow(
-            task.job_id, redact(task.input_url), item.sample.index, _printable(item.sample.key),
-            member=_printable(item.member.name) if item.member else None, output=written,
+            task.job_id, redact(task.input_url), item.index, printable_name(item.sample.key),
+            member=printable_name(item.member.name) if item.member else None, output=written,
             status=STATUS_ERROR, error=redact("; ".join(filter(None, [error, _refused_message(refused)]))),
         ))
 
@@ -332,15 +425,15 @@ class _DirectorySink:
         for name, data in _members_out(sample, replace):
             relative = safe_relative_path(name)
             if relative is None:
-                refused.append(f"{_printable(name)} (name would escape the output directory)")
+                refused.append(f"{printable_name(name)} (name would escape the output directory)")
                 continue
             if relative in self.written:
-                refused.append(f"{_printable(name)} (already written by an earlier sample: duplicate key)")
+                refused.append(f"{printable_name(name)} (already written by an earlier sample: duplicate key)")
                 continue
             write_bytes_atomic(join_url(self.url, relative), data)
             self.written.add(relative)
             written.append(relative)
-        return redact(_printable(join_url(self.url, written[0]) if written else self.url)), refused
+        return redact(printable_name(join_url(self.url, written[0]) if written else self.url)), refused
 
 
 @dataclass(frozen=True)

@@ -96,17 +96,17 @@ def test_decompress_restores_images_and_members(compressed, tmp_path, tiny_model
     for shard in inputs:
         original = _members(str(shard))
         restored = _members(str(tmp_path / "restored" / f"{shard.stem}.tar"))
+        assert set(restored) == set(original)  # every member under its own name: .jpg stays .jpg
         for name, data in original.items():
             if name.endswith((".jpg", ".png")):
-                key = name.rsplit(".", 1)[0]
                 source = Image.open(io.BytesIO(data))
-                image = Image.open(io.BytesIO(restored[f"{key}.png"]))
-                assert image.size == source.size
+                image = Image.open(io.BytesIO(restored[name]))
+                assert image.format == source.format and image.size == source.size
                 assert image.mode == {"P": "RGB"}.get(source.mode, source.mode)
                 row = next(r for r in manifest.values() if r["member"] == name)
                 reference = np.asarray(source.convert("RGB"), dtype=float)
                 mse = np.mean((np.asarray(image.convert("RGB"), dtype=float) - reference) ** 2)
-                if source.mode == "RGB":  # quality in the manifest is what the user restores
+                if source.format == "PNG" and source.mode == "RGB":  # lossless: the manifest's PSNR is what users get
                     assert 10 * np.log10(255**2 / mse) == pytest.approx(row["psnr"], abs=0.05)
             else:
                 assert restored[name] == data
@@ -114,13 +114,26 @@ def test_decompress_restores_images_and_members(compressed, tmp_path, tiny_model
     assert restore_rows.num_rows == 9 and pc.all(pc.equal(restore_rows["status"], "ok")).as_py()
 
 
-def test_decompress_to_directory(compressed, tmp_path, tiny_model_path):
+def test_restored_shards_keep_webdataset_keys_and_extensions(compressed, tmp_path, tiny_model_path):
+    """A pipeline reading ("jpg", "cls") from the originals reads the restored shards the same way."""
+    import webdataset as wds
+
+    inputs, config, _ = compressed
+    run_decompress(DecompressConfig(inputs=(config.output,), output=str(tmp_path / "r"), model=str(tiny_model_path)))
+    pairs = list(wds.WebDataset(str(tmp_path / "r" / f"{inputs[0].stem}.tar"), shardshuffle=False)
+                 .select(lambda sample: "jpg" in sample).to_tuple("__key__", "jpg", "cls"))
+    assert [(key, cls) for key, _, cls in pairs] == [("s0/img000", b"1")]
+    assert Image.open(io.BytesIO(pairs[0][1])).format == "JPEG"
+
+
+def test_decompress_to_directory_in_one_chosen_format(compressed, tmp_path, tiny_model_path):
     _, config, _ = compressed
     summary = run_decompress(DecompressConfig(inputs=(config.output,), output=str(tmp_path / "files"),
-                                              model=str(tiny_model_path), to="directory"))
+                                              model=str(tiny_model_path), to="directory", image_format="webp-lossless"))
     assert summary.ok == 9
-    files = sorted(p.relative_to(tmp_path / "files").as_posix() for p in (tmp_path / "files").rglob("*.png"))
-    assert files[:3] == ["data-000000/s0/img000.png", "data-000000/s0/img001.png", "data-000000/s0/img002.png"]
+    files = sorted(p.relative_to(tmp_path / "files").as_posix() for p in (tmp_path / "files").rglob("*.webp"))
+    assert files[:3] == ["data-000000/s0/img000.webp", "data-000000/s0/img001.webp", "data-000000/s0/img002.webp"]
+    assert Image.open(tmp_path / "files" / files[0]).format == "WEBP"
 
 
 def test_rerun_skips_committed_shards_and_changes_nothing(compressed):
@@ -204,3 +217,44 @@ def test_decompress_with_another_model_refuses_each_bitstream_and_keeps_it(compr
     restored = _members(str(tmp_path / "r" / f"{inputs[0].stem}.tar"))
     compressed_members = _members(f"{config.output}/g0000/shards/{inputs[0].stem}.tar")
     assert restored == compressed_members  # written through unchanged: nothing lost
+
+
+def test_a_folder_of_jpegs_compresses_and_restores_to_jpegs(tmp_path, tiny_model_path, ray_local):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    originals = {f"kodim{n:02d}.jpg": encoded(kodak_pixels(n, (64, 96)), "JPEG") for n in (1, 2, 3)}
+    for name, data in originals.items():
+        (photos / name).write_bytes(data)
+    archive = str(tmp_path / "archive")
+    summary = run_compress(CompressConfig(inputs=(str(photos),), output=archive, model=str(tiny_model_path)))
+    assert summary.complete and summary.shards == 1 and summary.ok == 3
+    assert summary.input_shard_bytes == sum(map(len, originals.values()))
+    rows = read_manifest(f"{archive}/g0000/manifest").to_pylist()
+    assert sorted(r["key"] for r in rows) == ["kodim01", "kodim02", "kodim03"]
+    assert {r["source_url"] for r in rows} == {str(photos / "images-000000")}
+    restored = tmp_path / "restored"
+    run_decompress(DecompressConfig(inputs=(archive,), output=str(restored), model=str(tiny_model_path),
+                                    to="directory"))
+    files = sorted(p.name for p in (restored / "images-000000").iterdir())
+    assert files == sorted(originals)
+    assert all(Image.open(restored / "images-000000" / name).format == "JPEG" for name in files)
+
+
+def test_one_image_file_is_a_shard_of_one_sample(tmp_path, tiny_model_path, ray_local):
+    image = tmp_path / "one.jpg"
+    image.write_bytes(encoded(kodak_pixels(4, (64, 64)), "JPEG"))
+    summary = run_compress(CompressConfig(inputs=(str(image),), output=str(tmp_path / "a"), model=str(tiny_model_path)))
+    assert summary.complete and summary.samples == summary.ok == 1
+    assert "(" in summary.text() and "nan" not in summary.text()
+    assert set(_members(str(tmp_path / "a" / "g0000" / "shards" / "images-000000.tar"))) == {"one.ncb"}
+
+
+def test_an_output_inside_the_input_is_refused_before_any_work(tmp_path, tiny_model_path):
+    from ncpipe.io.urls import InputError
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(encoded(kodak_pixels(1, (32, 32)), "JPEG"))
+    with pytest.raises(InputError, match="inside input"):
+        run_compress(CompressConfig(inputs=(str(tmp_path / "in"),), output=str(tmp_path / "in" / "archive"),
+                                    model=str(tiny_model_path)))
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["a.jpg"]
