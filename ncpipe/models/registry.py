@@ -9,9 +9,12 @@
 Diffusion decoders live beside the codecs with a card whose ``kind`` is ``refiner`` (file
 ``refiner.pt``) or ``corrdiff`` (``corrdiff.pt``); a card without ``kind`` is a codec's.
 
-A model is referred to by registry name or by checkpoint path. Registry roots are the
-repository's ``models/`` folder plus any folders in ``$NCPIPE_MODEL_DIRS`` (``:``-separated).
-Loading by name verifies the checkpoint against the SHA-256 its card records.
+A model is referred to by registry name or by checkpoint path. A name is looked up in the
+folders of ``$NCPIPE_MODEL_DIRS`` (``:``-separated), then in the models that come with ncpipe
+(the repository's ``models/``, or the default model inside an installed wheel:
+``ncpipe.resources``), then in the model store at ``$NCPIPE_MODEL_STORE`` (a URL, fetched
+once per node: ``ncpipe.models.store``). Loading by name verifies the checkpoint against the
+SHA-256 its card records.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ncpipe.io.urls import redact
+from ncpipe.models import store
 from ncpipe.models.checkpoint import CheckpointError, CodecModel, load_codec_model
+from ncpipe.resources import shipped_models_dir
 
 CHECKPOINT_NAME = "model.pt"
-CARD_NAME = "card.json"
+CARD_NAME = store.CARD_NAME
 CODEC_KIND = "codec"
 DECODER_FILES = {"refiner": "refiner.pt", "corrdiff": "corrdiff.pt"}  # diffusion decoder kind -> checkpoint file
-_REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 @dataclass(frozen=True)
@@ -39,11 +44,13 @@ class ModelRef:
     checkpoint: Path
     expected_sha256: str | None
     card: dict[str, Any] | None
+    from_store: bool = False  # the checkpoint is the node's cached copy of the model store's (fetched on resolve)
 
 
 def registry_roots() -> list[Path]:
+    """The local registry folders, in lookup order: ``$NCPIPE_MODEL_DIRS``, then the shipped models."""
     extra = [Path(p) for p in os.environ.get("NCPIPE_MODEL_DIRS", "").split(os.pathsep) if p]
-    return [root for root in [*extra, _REPO_MODELS] if root.is_dir()]
+    return [root for root in [*extra, shipped_models_dir()] if root is not None and root.is_dir()]
 
 
 def list_models(kind: str = CODEC_KIND) -> list[ModelRef]:
@@ -54,6 +61,9 @@ def list_models(kind: str = CODEC_KIND) -> list[ModelRef]:
             ref = _ref_from_dir(card.parent)
             if _kind(ref.card) == kind:
                 refs.setdefault(card.parent.name, ref)
+    for name, card in store.store_cards().items():
+        if _kind(card) == kind:
+            refs.setdefault(name, _store_ref(name, card))
     return [refs[name] for name in sorted(refs)]
 
 
@@ -61,9 +71,18 @@ def _kind(card: dict[str, Any]) -> str:
     return card.get("kind", CODEC_KIND)
 
 
+def _checkpoint_name(card: dict[str, Any]) -> str:
+    return DECODER_FILES.get(_kind(card), CHECKPOINT_NAME)
+
+
 def _ref_from_dir(directory: Path) -> ModelRef:
     card = json.loads((directory / CARD_NAME).read_text())
-    return ModelRef(directory.name, directory / DECODER_FILES.get(_kind(card), CHECKPOINT_NAME), card["sha256"], card)
+    return ModelRef(directory.name, directory / _checkpoint_name(card), card["sha256"], card)
+
+
+def _store_ref(name: str, card: dict[str, Any]) -> ModelRef:
+    return ModelRef(name, store.cached_checkpoint(name, card, _checkpoint_name(card)), card["sha256"], card,
+                    from_store=True)
 
 
 def resolve_model(name_or_path: str | Path, kind: str = CODEC_KIND) -> ModelRef:
@@ -71,15 +90,23 @@ def resolve_model(name_or_path: str | Path, kind: str = CODEC_KIND) -> ModelRef:
     path = Path(name_or_path)
     if path.is_file():
         return ModelRef(str(path), path, None, None)
-    for folder in [path, *(root / str(name_or_path) for root in registry_roots())]:
-        if (folder / CARD_NAME).is_file():
-            ref = _ref_from_dir(folder)
-            if _kind(ref.card) != kind:
-                raise CheckpointError(f"{str(name_or_path)!r} is a {_kind(ref.card)}, not a {kind}")
-            return ref
+    ref = next((_ref_from_dir(folder) for folder in [path, *(root / str(name_or_path) for root in registry_roots())]
+                if (folder / CARD_NAME).is_file()), None)
+    if ref is None and (card := store.store_card(str(name_or_path))) is not None:
+        ref = _store_ref(str(name_or_path), card)
+    if ref is not None:
+        if _kind(ref.card) != kind:
+            raise CheckpointError(f"{str(name_or_path)!r} is a {_kind(ref.card)}, not a {kind}")
+        if ref.from_store:
+            store.fetch(ref.name, ref.card, ref.checkpoint.name)
+        return ref
     known = ", ".join(ref.name for ref in list_models(kind)) or "none"
     label = "model" if kind == CODEC_KIND else kind  # codecs are what users call "models" (--model)
-    raise CheckpointError(f"no {label} named or at {str(name_or_path)!r}; registry {label}s: {known}")
+    raise CheckpointError(
+        f"no {label} named or at {str(name_or_path)!r}; registry {label}s: {known}. Give a checkpoint path, add "
+        f"the folder holding <name>/{CARD_NAME} to NCPIPE_MODEL_DIRS, or publish it to the model store "
+        f"{store.STORE_ENV}={redact(store.store_url() or '(unset)')}"
+    )
 
 
 def find_by_sha256(sha256: str) -> ModelRef | None:

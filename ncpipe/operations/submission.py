@@ -9,7 +9,8 @@
 
 So the uploaded ``ncpipe/`` (not whatever the image has installed) runs the job, relative
 paths in the spec resolve inside the copy, and registry models resolve from the copy's
-``models/``. Files bigger than the working dir allows (Ray: one gRPC message, 512 MiB)
+``models/``, or from the model store (``$NCPIPE_MODEL_STORE``, passed on to the job): the
+models the store holds identically are left out of the upload. Files bigger than the working dir allows (Ray: one gRPC message, 512 MiB)
 belong in object storage, named by URL in the spec.
 """
 
@@ -27,6 +28,7 @@ from typing import Any, Callable, Iterator, TextIO
 
 from ncpipe.errors import NcpipeError
 from ncpipe.io.urls import redact
+from ncpipe.models import store
 from ncpipe.operations.jobspec import load_spec
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,9 @@ def plan_submission(
     if relative.parts[0] == "..":
         raise SubmissionError(f"the spec {spec_path} is outside --working-dir {root}: it is uploaded with that "
                               "directory, so keep it inside (e.g. jobs/) or pass a --working-dir that holds it")
-    patterns = (*DEFAULT_EXCLUDES, *excludes)
+    # Models the store provides are not uploaded: the job's workers fetch them from the store.
+    from_store = store.provided_by_store(root / "models")
+    patterns = (*DEFAULT_EXCLUDES, *(f"models/{name}" for name in from_store), *excludes)
     if is_excluded(relative.as_posix(), patterns):
         raise SubmissionError(f"the spec {relative} is excluded from the upload ({', '.join(patterns)}); "
                               "move it, e.g. to jobs/")
@@ -85,6 +89,10 @@ def plan_submission(
                               f"{limit_bytes / 2**20:.0f} MiB; largest: {biggest}. Exclude them with --exclude, or "
                               "keep data in object storage and name it by URL in the spec")
     runtime_env: dict[str, Any] = {"working_dir": str(root), "excludes": list(patterns)}
+    runtime_env.update(store.model_runtime_env() or {})
+    if from_store:
+        log.info("not uploading %s: the model store %s provides them", ", ".join(from_store),
+                 redact(store.store_url() or ""))
     if pip:
         runtime_env["pip"] = list(pip)
     return Submission(

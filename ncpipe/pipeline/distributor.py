@@ -23,6 +23,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 
 from ncpipe.config import ClusterConfig, ConfigError
 from ncpipe.io.urls import redact
+from ncpipe.models.store import model_runtime_env
 from ncpipe.pipeline.actors import WorkerResources
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,9 @@ def connect(cluster: ClusterConfig) -> None:
     embedded Ray bound to loopback."""
     if ray.is_initialized():
         return
-    address = cluster.address or _submitted_job_cluster()
-    if address:
+    if cluster.address:  # workers on other nodes get models from the same places as this process
+        ray.init(address=cluster.address, logging_level=logging.WARNING, runtime_env=model_runtime_env())
+    elif address := _submitted_job_cluster():  # the job's runtime env (ncpipe submit) already carries them
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         with _loopback_only():
