@@ -2,10 +2,13 @@
 
 Nothing is visible under its final name until it is complete:
 
-    local:         <dir>/.<name>.partial-<pid>-<n>  --fsync, os.replace-->  <dir>/<name>
-    object store:  <staging>/.<name>.partial-<pid>-<n>  --one put_file-->  s3://bucket/.../<name>
+    local:         <dir>/.<name>.partial-[<job>-]<pid>-<n>  --fsync, os.replace-->  <dir>/<name>
+    object store:  <staging>/.<name>.partial-[<job>-]<pid>-<n>  --one put_file-->  s3://bucket/.../<name>
 
-(an S3 object appears only when its PUT or multipart upload completes). Every filesystem call
+(an S3 object appears only when its PUT or multipart upload completes). A temp carries the id of
+the job it was written for (inside ``job_temporaries``), so a job's cleanup removes its own temps
+and nobody else's. ``create_exclusive`` writes an object only where none exists (a local hard
+link, an S3 conditional PUT): the primitive of the writer lock. Every filesystem call
 goes through ``retrying``: retried only for the errors ``is_transient`` accepts (the one list),
 and re-raised as an ``OSError`` whose message went through ``redact``.
 """
@@ -39,9 +42,10 @@ TRANSIENT_ERROR_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "TooManyRequests", "RequestLimitExceeded",
     "RequestTimeout", "InternalError", "ServiceUnavailable", "500", "502", "503", "504",
 })
-_PARTIAL = re.compile(r"^\..+\.partial-\d+-\d+$")
+_PARTIAL = re.compile(r"^\..+\.partial-(?:(?P<job>\d{8}T\d{6}Z-[0-9a-f]+)-)?\d+-\d+$")
 _MAX_PARTIAL_STEM = 200  # keeps temp names under NAME_MAX (255) on every local filesystem
 _partial_numbers = itertools.count()  # unique temp names among this process's threads
+_temporaries_job: list[str] = []  # the job whose temps this process writes now (job_temporaries)
 _KEPT_ERROR_TYPES = (
     FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
     TimeoutError, ConnectionError,
@@ -153,10 +157,25 @@ def _staged_upload(fs: fsspec.AbstractFileSystem, path: str, url: str, staging_d
         _unlink_quietly(temp)
 
 
+@contextmanager
+def job_temporaries(job_id: str) -> Iterator[None]:
+    """Temps written inside this block (by any thread of this process) carry ``job_id`` in their name.
+
+    Process-wide, not per thread: a shard worker writes from its pools' threads too, and a worker
+    process runs one job's shard at a time."""
+    _temporaries_job.append(job_id)
+    try:
+        yield
+    finally:
+        _temporaries_job.pop()
+
+
 def _create_partial(directory: str, name: str) -> tuple[str, BinaryIO]:
-    """A new temp file ``.<name>.partial-<pid>-<n>``, created exclusively (mode 0o666 & ~umask)."""
+    """A new temp file ``.<name>.partial-[<job>-]<pid>-<n>``, created exclusively (mode 0o666 & ~umask)."""
+    job = f"{_temporaries_job[-1]}-" if _temporaries_job else ""
     while True:
-        temp = os.path.join(directory, f".{name[:_MAX_PARTIAL_STEM]}.partial-{os.getpid()}-{next(_partial_numbers)}")
+        temp = os.path.join(directory,
+                            f".{name[:_MAX_PARTIAL_STEM]}.partial-{job}{os.getpid()}-{next(_partial_numbers)}")
         try:
             return temp, open(temp, "xb")
         except FileExistsError:  # left by a killed process that had the same pid
@@ -201,6 +220,41 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         retrying(lambda: fs.pipe_file(path, data), "write", url)
 
 
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Write ``data`` to ``url`` whole, only if nothing exists there; False when something does.
+
+    Local: the content is written to a temp, then hard-linked to the name (``link`` fails on an
+    existing name, so exactly one of several racing writers wins and no reader sees half a file).
+    S3: a PUT with ``If-None-Match: *``, which the store refuses (412) when the key exists. A
+    retried PUT whose first attempt did land also reads as False: the caller re-reads the object."""
+    fs, path = url_to_fs(url)
+    if is_local(fs):
+        return _link_exclusive(path, data)
+    try:
+        retrying(lambda: fs.pipe_file(path, data, mode="create"), "create", url)
+    except FileExistsError:
+        return False
+    return True
+
+
+def _link_exclusive(path: str, data: bytes) -> bool:
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    temp, handle = _create_partial(directory, name)
+    try:
+        with handle:
+            handle.write(data)
+            _flush_to_disk(handle, temp)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return False
+    finally:
+        _unlink_quietly(temp)
+    _fsync_directory(directory)
+    return True
+
+
 def read_bytes(url: str) -> bytes:
     """The whole content of ``url``."""
     fs, path = url_to_fs(url)
@@ -233,11 +287,20 @@ def remove(url: str, missing_ok: bool = True) -> None:
             raise
 
 
-def remove_tree(url: str) -> None:
-    """Delete ``url`` and everything below it (nothing if it does not exist); never a bucket itself."""
+def remove_tree(url: str, keep: tuple[str, ...] = ()) -> None:
+    """Delete ``url`` and everything below it (nothing if it does not exist); never a bucket itself.
+    ``keep``: URLs of files directly below ``url`` that stay (a writer lock)."""
     fs, path = url_to_fs(url)
     if path.strip("/") == "":
         raise ValueError(f"refusing to remove the filesystem root {redact(url)!r}")
+    if keep:
+        kept = {url_to_fs(k)[1].rstrip("/") for k in keep}
+        fs.invalidate_cache(path)
+        entries = retrying(lambda: fs.ls(path, detail=False), "list", url) if fs.isdir(path) else []
+        for entry in entries:
+            if entry.rstrip("/") not in kept:
+                remove_tree(url_for(fs, entry, url))
+        return
     if is_local(fs):
         if os.path.isdir(path) and not os.path.islink(path):
             retrying(lambda: shutil.rmtree(path), "remove", url)
@@ -262,18 +325,20 @@ def list_files(prefix_url: str, suffix: str = "") -> list[str]:
     return sorted(url_for(fs, p, prefix_url) for p in keep)
 
 
-def remove_partials(dir_url: str) -> int:
-    """Delete temps left in a local directory by killed writers; returns how many. No-op on object stores.
+def remove_partials(dir_url: str, job_id: str | None = None) -> int:
+    """Delete temps left in a local directory by killed writers: those of job ``job_id``, or every
+    one when it is None; returns how many. No-op on object stores.
 
-    Call it only while no writer is active in that directory (e.g. before a job starts):
-    a live writer's temp looks the same.
+    Without ``job_id``, call it only while no writer is active in that directory (holding the
+    output's writer lock): a live writer's temp looks the same.
     """
     fs, path = url_to_fs(dir_url)
     if not is_local(fs) or not os.path.isdir(path):
         return 0
     removed = 0
     for entry in os.scandir(path):
-        if entry.is_file(follow_symlinks=False) and _PARTIAL.match(entry.name):
+        match = _PARTIAL.match(entry.name) if entry.is_file(follow_symlinks=False) else None
+        if match and (job_id is None or match["job"] == job_id):
             _unlink_quietly(entry.path)
             removed += 1
     return removed

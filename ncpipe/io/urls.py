@@ -20,6 +20,7 @@ from fsspec.core import split_protocol
 
 from ncpipe.errors import NcpipeError
 from ncpipe.io.failures import classify
+from ncpipe.images import IMAGE_EXTENSIONS
 
 SHARD_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
 """What a shard's name ends with; a directory spec picks up every file with one of these."""
@@ -72,11 +73,18 @@ def is_shard_name(path: str) -> bool:
     return path.lower().endswith(SHARD_SUFFIXES)
 
 
+def is_image_name(path: str) -> bool:
+    """Whether ``path`` names an image file (``.jpg``, ``.png``, ...): read as a one-image sample."""
+    return posixpath.splitext(path.split("?", 1)[0])[1].lower().lstrip(".") in IMAGE_EXTENSIONS
+
+
 def expand_inputs(specs: Sequence[str]) -> list[str]:
     """Shard URLs named by ``specs``: in spec order, sorted within a spec, without duplicates.
 
     A spec is a shard URL, a brace pattern (``data-{000000..000009}.tar``), a glob
-    (``dir/*.tar``, ``s3://b/x/**/*.tar``) or a directory/prefix (every shard below it).
+    (``dir/*.tar``, ``s3://b/x/**/*.tar``) or a directory/prefix (every shard below it; every
+    image file below it when it holds no shard). Image files come back as they are: the job
+    groups them into shards (``ncpipe.io.image_files``).
     Local specs come back as absolute paths; others keep their protocol.
     """
     urls: dict[str, None] = {}
@@ -126,13 +134,37 @@ def _expand_spec(spec: str) -> list[str]:
             raise InputError(f"input {redact(spec)} matches no file")
         return [url_for(fs, p, spec) for p in matches]
     if fs.isdir(path):
-        shards = sorted(p for p in fs.find(path) if is_shard_name(p))
-        if not shards:
-            raise InputError(f"input directory {redact(spec)} holds no shard ({', '.join(SHARD_SUFFIXES)})")
-        return [url_for(fs, p, spec) for p in shards]
+        files = sorted(fs.find(path))
+        # Shards if there are any (a folder of shards may hold previews beside them), else image files.
+        found = [p for p in files if is_shard_name(p)] or [p for p in files if is_image_name(p)]
+        if not found:
+            raise InputError(f"input directory {redact(spec)} holds no shard ({', '.join(SHARD_SUFFIXES)}) "
+                             f"and no image file (.{', .'.join(sorted(IMAGE_EXTENSIONS))})")
+        return [url_for(fs, p, spec) for p in found]
     if not fs.isfile(path):
         raise InputError(f"input {redact(spec)} does not exist")
     return [url_for(fs, path, spec)]
+
+
+def check_output_outside_inputs(specs: Sequence[str], output: str) -> None:
+    """Refuse an output inside a directory, prefix or glob input: the next run would read it back in."""
+    out_protocol, out_path = _location(output)
+    for spec in specs:
+        if "{" in spec or (split_protocol(spec)[0] in _QUERY_PROTOCOLS and "?" in spec):
+            continue  # names files one by one: the output cannot match them
+        protocol, path = _location(spec)
+        base = _GLOB_CHARS.split(path, 1)[0].rsplit("/", 1)[0] if _GLOB_CHARS.search(path) else path
+        if protocol == out_protocol and (out_path == base or out_path.startswith(base.rstrip("/") + "/")):
+            raise InputError(f"output {redact(output)} is inside input {redact(spec)}: a later run would read "
+                             "its own output back in; choose an output outside the input")
+
+
+def _location(url: str) -> tuple[str, str]:
+    """(protocol, normalised path): local paths and ``file://`` URLs made absolute."""
+    protocol, path = split_protocol(url)
+    if protocol in (None, "file", "local"):
+        return "file", os.path.abspath(os.path.expanduser(path))
+    return protocol, posixpath.normpath(path)
 
 
 def _expand_braces(spec: str) -> list[str]:
