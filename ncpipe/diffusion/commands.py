@@ -25,6 +25,7 @@ def _tuple_of(convert, what: str):
     return parse
 
 
+TRAIN_REFINER_KIND = "train-refiner"
 int_tuple = _tuple_of(int, "integers")
 float_tuple = _tuple_of(float, "numbers")
 
@@ -105,9 +106,11 @@ def register_train(train_subparsers) -> None:
         "re-running with the same --run-dir resumes, --init-from starts a new run from released weights. "
         "<run-dir>/refiner.pt holds the best EMA weights so far and only accepts the codecs it was trained for.",
     )
-    p.add_argument("--codec", action="append", required=True,
+    p.add_argument("--spec", metavar="FILE.yaml", help=f"a kind: {TRAIN_REFINER_KIND} spec file (e.g. "
+                   "jobs/train-refiner.yaml); the flags given override its fields")
+    p.add_argument("--codec", action="append",
                    help="registry name or checkpoint path; repeat for several rate points of one architecture")
-    add_run_options(p, "refiner.pt")
+    add_run_options(p, "refiner.pt", required=False)
     p.add_argument("--baseline", choices=("gaussian",),
                    help="train the CDC-style Gaussian-start baseline (same U-Net, conditioned on x̂) instead")
     net = add_network_options(p, affm_help="plain skip connections (the AFFM ablation)")
@@ -130,15 +133,29 @@ def register_train(train_subparsers) -> None:
     proc.add_argument("--validation-crops", type=int, default=16,
                       help="size of the fixed batch on which each save's EMA weights are scored")
     add_optimisation_options(p, cache_help="keep the codec-decoded training set here and reuse it across runs")
-    p.set_defaults(handler=_train_refiner)
+    p.set_defaults(handler=_train_refiner, unset=vars(p.parse_args([])))  # what each flag is when not given
 
 
 def train_refiner_config(args: argparse.Namespace):
-    """The ``RefinerTrainConfig`` of a ``train refiner`` command line."""
+    """The ``RefinerTrainConfig`` of a ``train refiner`` command line: the spec file's fields (when
+    ``--spec``), then every flag that was given."""
+    from ncpipe.config import ConfigError, config_from_mapping
+    from ncpipe.operations.jobspec import spec_fields
     from ncpipe.train.refiner_trainer import RefinerTrainConfig
 
-    return RefinerTrainConfig(
-        codecs=tuple(args.codec), process="gaussian" if args.baseline == "gaussian" else "bridge",
+    fields = _refiner_fields(args)
+    if args.spec:
+        defaults = _refiner_fields(argparse.Namespace(**args.unset))
+        given = {k: v for k, v in fields.items() if v != defaults[k]}
+        fields = {**defaults, **spec_fields(args.spec, TRAIN_REFINER_KIND), **given}
+    if not fields["codecs"] or not fields["data"] or not fields["run_dir"]:
+        raise ConfigError("train refiner needs --codec, --data and --run-dir (flags or spec fields)")
+    return config_from_mapping(RefinerTrainConfig, fields, f"{args.spec} spec" if args.spec else "")
+
+
+def _refiner_fields(args: argparse.Namespace) -> dict:
+    return dict(
+        codecs=tuple(args.codec or ()), process="gaussian" if args.baseline == "gaussian" else "bridge",
         latent_features=args.latent_features, rate_conditioning=args.rate_conditioning, schedule=args.schedule,
         eta_min=args.eta_min, eta_power=args.eta_power, train_schedule_steps=args.train_schedule_steps,
         train_levels=args.train_levels, kappa=args.kappa, parameterization=args.parameterization, loss=args.loss,
@@ -161,10 +178,10 @@ def command_line() -> str:
 # -- options every diffusion trainer has (``train refiner``, ``train corrdiff``) ----------------
 
 
-def add_run_options(p: argparse.ArgumentParser, released: str) -> None:
-    p.add_argument("--data", action="append", required=True,
+def add_run_options(p: argparse.ArgumentParser, released: str, required: bool = True) -> None:
+    p.add_argument("--data", action="append", required=required,
                    help="training images (folder, file or shards); repeatable")
-    p.add_argument("--run-dir", required=True, help=f"training state and {released} go here")
+    p.add_argument("--run-dir", required=required, help=f"training state and {released} go here")
 
 
 def add_network_options(p: argparse.ArgumentParser, affm_help: str) -> argparse._ArgumentGroup:
@@ -199,6 +216,7 @@ def add_optimisation_options(p: argparse.ArgumentParser, cache_help: str) -> Non
     opt.add_argument("--init-from", metavar="CHECKPOINT", help="start a new run from released weights (refiner.pt, "
                      "corrdiff.pt, a registry folder's file) or another run's --run-dir")
     opt.add_argument("--ema-decay", type=float, default=0.999, help="the released weights are this EMA (0: raw)")
+    opt.add_argument("--part-mib", type=int, help="write the training state as parts of at most this many MiB")
     opt.add_argument("--log-every", type=int, default=50)
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--device", default="auto")
@@ -214,9 +232,9 @@ def train_options(args: argparse.Namespace) -> dict:
     sizes = {name: getattr(args, name) if getattr(args, name) is not None else getattr(size, name)
              for name in ("base_channels", "channel_mults", "blocks_per_level", "time_embed_dim")}
     return dict(
-        data=tuple(args.data), run_dir=args.run_dir, **sizes,
+        data=tuple(args.data or ()), run_dir=args.run_dir, **sizes,
         affm=not args.no_affm, steps=args.steps, checkpoint_minutes=args.checkpoint_minutes,
-        max_minutes=args.max_minutes, init_from=args.init_from, ema_decay=args.ema_decay,
+        max_minutes=args.max_minutes, init_from=args.init_from, ema_decay=args.ema_decay, part_mib=args.part_mib,
         batch_size=args.batch_size, crop=args.crop, lr=args.lr,
         warmup_steps=args.warmup_steps, lr_decay_at=args.lr_decay_at, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, seed=args.seed, device=args.device, amp=not args.no_amp, threads=args.threads,

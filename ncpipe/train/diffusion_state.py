@@ -72,6 +72,7 @@ class DiffusionTrainOptions:
     checkpoint_minutes: float = 10.0  # save (and release when better) at least this often
     max_minutes: float | None = None  # end this training window after this much time, saving the state
     init_from: str | None = None  # a new run starts from these released weights (or a run_dir's state)
+    part_mib: int | None = None  # write the training state as parts of at most this many MiB
 
     def __post_init__(self) -> None:
         if self.crop % LATENT_STRIDE or self.crop < LATENT_STRIDE:
@@ -80,8 +81,8 @@ class DiffusionTrainOptions:
             raise ValueError("steps and batch_size must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.checkpoint_minutes <= 0 or (self.max_minutes is not None and self.max_minutes <= 0):
-            raise ValueError("checkpoint_minutes and max_minutes must be positive")
+        if self.checkpoint_minutes <= 0 or any(v is not None and v <= 0 for v in (self.max_minutes, self.part_mib)):
+            raise ValueError("checkpoint_minutes, max_minutes and part_mib must be positive")
 
     def unet_config(self) -> UNetConfig:
         """The U-Net these options describe (channels and conditioning are set by the network's config)."""
@@ -185,7 +186,7 @@ def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, run_dir: Path
         state["best_validation"] = resumed.best_validation
         if resumed.ema is not None:
             state["ema"] = resumed.ema.state_dict()
-    log.info("saved %s at step %d", save_state(run_dir, state), step)
+    log.info("saved %s at step %d", save_state(run_dir, state, options.part_mib), step)
 
 
 def released_network(model: torch.nn.Module, resumed: Resumed) -> torch.nn.Module:

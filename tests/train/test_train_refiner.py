@@ -223,3 +223,19 @@ def test_command_line_presets_windows_and_qualities() -> None:
     assert config.max_minutes == 30 and config.init_from == "x.pt" and config.qualities == (1, 8)
     assert config.train_levels == "continuous" and config.ema_decay == 0.99
     assert config.refiner_config(128).train_levels == "continuous"
+
+
+def test_the_gpu_job_spec_builds_the_base_refiner_and_flags_override_it() -> None:
+    parser = argparse.ArgumentParser()
+    register_train(parser.add_subparsers(dest="cmd"))
+    spec = str(Path(__file__).parents[2] / "jobs" / "train-refiner.yaml")
+    args = parser.parse_args(["refiner", "--spec", spec, "--data", "photos", "--no-affm", "--run-dir", "r2"])
+    config = train_refiner_config(args)
+    assert config.codecs == ("mbt2018-mean-vbr-small",) and config.data == ("photos",) and config.run_dir == "r2"
+    assert config.crop == 256 and config.train_levels == "continuous" and config.ema_decay == 0.999
+    assert not config.affm and config.max_minutes == 8 and config.part_mib == 15  # the flag wins over the spec
+    assert (config.base_channels, config.channel_mults, config.blocks_per_level) == (48, (1, 2, 4, 4), 2)
+    refiner = Refiner(config.refiner_config(128))
+    assert 3_000_000 <= sum(p.numel() for p in refiner.parameters()) <= 10_000_000
+    with pytest.raises(ValueError, match="--data"):
+        train_refiner_config(parser.parse_args(["refiner", "--spec", spec]))
