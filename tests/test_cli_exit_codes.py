@@ -14,6 +14,8 @@ from ncpipe.config import ClusterConfig
 from ncpipe.exit_status import EXIT_FAILED, EXIT_OK, EXIT_SAMPLE_ERRORS, EXIT_USAGE, job_exit_status
 from ncpipe.pipeline.distributor import connect
 from ncpipe.pipeline.jobs import CompressSummary, RecompressSummary
+from tests.factories import encoded, kodak_pixels
+from tests.helpers import tar_bytes
 
 
 def _compress_summary(**changes) -> CompressSummary:
@@ -101,3 +103,14 @@ def test_bad_arguments_exit_2():
     with pytest.raises(SystemExit) as exit_info:
         main(["compress", "--no-such-flag"])
     assert exit_info.value.code == EXIT_USAGE
+
+
+def test_cuda_on_a_machine_without_gpus_fails_once_before_any_work(tmp_path, ray_started, caplog):
+    shard = tmp_path / "in" / "data-000000.tar"
+    shard.parent.mkdir()
+    shard.write_bytes(tar_bytes([("a.png", encoded(kodak_pixels(1, (32, 32))))]))
+    caplog.clear()
+    assert main(["compress", str(shard), "-o", str(tmp_path / "out"), "--device", "cuda"]) == EXIT_USAGE
+    (record,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "needs a GPU" in record.getMessage() and "--device cpu" in record.getMessage()
+    assert not list((tmp_path / "out").rglob("*.tar"))

@@ -18,6 +18,7 @@ import torch
 from ncpipe.codec import LearnedCodec
 from ncpipe.config import CompressConfig, DecompressConfig, RecompressConfig
 from ncpipe.device import resolve_device
+from ncpipe.errors import NcpipeError
 from ncpipe.io.storage import job_temporaries
 from ncpipe.models.registry import load_model
 
@@ -46,12 +47,45 @@ def _set_threads(threads: int) -> None:
     os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
 
 
+class ShardActor:
+    """What every codec actor does: set up once (``setup``), then run shards.
+
+    A configuration error while setting up (no such device, a model missing on this node) is kept
+    and raised by :meth:`ready` and :meth:`run`, as the error itself: raised from ``__init__``, Ray
+    would report a dead actor, and the distributor would retry every shard on it as a lost worker.
+    """
+
+    def __init__(self, config, threads: int, progress_counter: str):
+        _set_threads(threads)
+        self.setup_error: NcpipeError | None = None
+        try:
+            self.worker = self.setup(config, threads, _progress_reporter(progress_counter))
+        except NcpipeError as err:
+            self.setup_error = err
+
+    def setup(self, config, threads: int, on_progress: Callable[[int], None]):
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """True once set up; the setup's configuration error otherwise."""
+        if self.setup_error is not None:
+            raise self.setup_error
+        return True
+
+    def run(self, task):
+        self.ready()
+        with job_temporaries(task.job_id):  # its temps carry its job: cleanup removes its own only
+            return self.worker.run(task)
+
+    def ping(self) -> bool:
+        return True
+
+
 @ray.remote
-class CompressActor:
-    def __init__(self, config: CompressConfig, threads: int, progress_counter: str):
+class CompressActor(ShardActor):
+    def setup(self, config: CompressConfig, threads: int, on_progress: Callable[[int], None]):
         from ncpipe.pipeline.compress import ShardCompressor
 
-        _set_threads(threads)
         device = resolve_device(config.device)
         model = load_model(config.model).to(device)
         codec = LearnedCodec(model, config.y_chunk_channels, config.coder_threads or threads)
@@ -60,57 +94,30 @@ class CompressActor:
             from ncpipe.diffusion.corrdiff import load_corrdiff
 
             corrdiff = load_corrdiff(config.corrdiff, device, codec_sha256=model.identity.sha256)
-        self.worker = ShardCompressor(
-            config, codec, config.model, threads, _progress_reporter(progress_counter), corrdiff=corrdiff
-        )
         log.info("compress actor ready: %s on %s", model.identity.short, device)
-
-    def run(self, task):
-        with job_temporaries(task.job_id):  # its temps carry its job: cleanup removes its own only
-            return self.worker.run(task)
-
-    def ping(self) -> bool:
-        return True
+        return ShardCompressor(config, codec, config.model, threads, on_progress, corrdiff=corrdiff)
 
 
 @ray.remote
-class DecompressActor:
-    def __init__(self, config: DecompressConfig, threads: int, progress_counter: str):
+class DecompressActor(ShardActor):
+    def setup(self, config: DecompressConfig, threads: int, on_progress: Callable[[int], None]):
         from ncpipe.pipeline.decompress import ShardDecompressor
 
-        _set_threads(threads)
-        self.worker = ShardDecompressor(
-            config, resolve_device(config.device), threads, _progress_reporter(progress_counter)
-        )
-
-    def run(self, task):
-        with job_temporaries(task.job_id):  # its temps carry its job: cleanup removes its own only
-            return self.worker.run(task)
-
-    def ping(self) -> bool:
-        return True
+        return ShardDecompressor(config, resolve_device(config.device), threads, on_progress)
 
 
 @ray.remote
-class RecompressActor:
+class RecompressActor(ShardActor):
     """Holds the target model, and decodes old bitstreams with the models they name."""
 
-    def __init__(self, config: RecompressConfig, threads: int, progress_counter: str):
+    def setup(self, config: RecompressConfig, threads: int, on_progress: Callable[[int], None]):
         from ncpipe.pipeline.decompress import CodecCache
         from ncpipe.pipeline.recompress import ShardRecompressor
 
-        _set_threads(threads)
         device = resolve_device(config.device)
         codec = LearnedCodec(load_model(config.model).to(device), config.y_chunk_channels,
                              config.coder_threads or threads)
-        self.worker = ShardRecompressor(
-            config.compress_config(), codec, config.model, threads, _progress_reporter(progress_counter),
+        return ShardRecompressor(
+            config.compress_config(), codec, config.model, threads, on_progress,
             models=CodecCache(device, threads, config.decode_models),
         )
-
-    def run(self, task):
-        with job_temporaries(task.job_id):  # its temps carry its job: cleanup removes its own only
-            return self.worker.run(task)
-
-    def ping(self) -> bool:
-        return True

@@ -22,6 +22,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from ncpipe.config import ClusterConfig, ConfigError
+from ncpipe.errors import NcpipeError
 from ncpipe.io.urls import redact
 from ncpipe.models.store import model_runtime_env
 from ncpipe.pipeline.actors import WorkerResources
@@ -154,6 +155,7 @@ def run_on_actors(
 ) -> PoolOutcome:
     """Run every task (a dataclass with an ``attempt`` field) through ``actor.run``."""
     actors = [make_actor() for _ in range(min(count, len(tasks)) or 0)]
+    wait_ready(actors)
     idle = deque(actors)
     pending = deque(tasks)
     inflight: dict[ray.ObjectRef, tuple[Any, Any]] = {}
@@ -180,6 +182,18 @@ def run_on_actors(
             idle.append(actor)
     progress.tick(force=True)
     return outcome
+
+
+def wait_ready(actors: Sequence[Any]) -> None:
+    """Return once every actor is set up; raise its configuration error (a device or model it cannot
+    have, the same on every retry) at once, before any shard is handed out."""
+    for ref in [actor.ready.remote() for actor in actors]:
+        try:
+            ray.get(ref)
+        except RayTaskError as err:
+            if isinstance(err.cause, NcpipeError):
+                raise err.cause from None
+            raise
 
 
 def _retry_or_fail(task, error, max_attempts, describe, pending, outcome) -> None:
