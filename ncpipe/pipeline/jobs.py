@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from ncpipe import __version__
@@ -67,7 +68,7 @@ class CompressSummary:
     bitstream_bytes: int  # their bitstreams, container included
     input_shard_bytes: int
     output_shard_bytes: int
-    mean_bpp: float | None
+    mean_bpp: float | None  # pooled: 8 x all coded bytes / all coded pixels (see pooled_bpp)
     mean_psnr: float | None
     mean_ms_ssim: float | None
     wall_seconds: float
@@ -87,7 +88,8 @@ class CompressSummary:
             f"samples     {self.samples}: {self.ok} ok, {self.errors} error rows (see manifest 'error')",
             f"images      {_mb(self.image_bytes)} -> {_mb(self.bitstream_bytes)} bitstreams ({ratio})",
             f"shards      {_mb(self.input_shard_bytes)} in -> {_mb(self.output_shard_bytes)} out",
-            f"quality     mean {_fmt(self.mean_bpp, '.3f')} bpp, {_fmt(self.mean_psnr, '.2f')} dB PSNR, "
+            f"quality     {_fmt(self.mean_bpp, '.3f')} bpp (all bits / all pixels), mean "
+            f"{_fmt(self.mean_psnr, '.2f')} dB PSNR, "
             f"{_fmt(self.mean_ms_ssim, '.4f')} MS-SSIM",
             f"time        {self.wall_seconds:.1f}s wall, {self.samples_per_second:.1f} samples/s this run",
         ]
@@ -244,7 +246,7 @@ def run_tasks(cluster: ClusterConfig, tasks: list, actor_class, config, label: s
         return PoolOutcome([], [])
     connect(cluster)
     count, resources = plan_workers(cluster, config.device)
-    progress = ProgressLog(len(tasks), label)
+    progress = ProgressLog(len(tasks), label, measure=input_bytes)
     log.info("%s: %d worker(s), each %g CPU / %g GPU", label, min(count, len(tasks)),
              resources.num_cpus, resources.num_gpus)
 
@@ -259,6 +261,14 @@ def run_tasks(cluster: ClusterConfig, tasks: list, actor_class, config, label: s
         tasks, make_actor, count, cluster.max_shard_attempts,
         describe=lambda task: f"shard {redact(task.input_url)}", progress=progress,
     )
+
+
+def input_bytes(task) -> int:
+    """Bytes a shard task reads (its tar, or its image files), for the MB/s of progress reports."""
+    try:
+        return sum(size_of(url) for url in getattr(task, "files", ()) or (task.input_url,))
+    except OSError:  # gone since it ran: the report only loses a figure
+        return 0
 
 
 def summarise_compress(
@@ -287,7 +297,7 @@ def summarise_compress(
         bitstream_bytes=_sum(ok["compressed_bytes"]),
         input_shard_bytes=sum(size_of(url) for shard in inputs for url in shard.files or (shard.url,)),
         output_shard_bytes=sum(size_of(url) for url in list_files(generation.shards_dir, suffix=".tar")),
-        mean_bpp=_mean(ok["bpp"]),
+        mean_bpp=pooled_bpp(ok),
         mean_psnr=_mean(ok["psnr"]),
         mean_ms_ssim=_mean(ok["ms_ssim"]),
         wall_seconds=wall_seconds,
@@ -298,6 +308,13 @@ def summarise_compress(
 
 def _sum(column) -> int:
     return int(pc.sum(column).as_py() or 0)
+
+
+def pooled_bpp(coded: pa.Table) -> float | None:
+    """Bits per pixel over all coded images: 8 x their bytes / their pixels (None if there are none).
+    Weighted by image size, so a tiny image's container overhead cannot dominate the figure."""
+    pixels = _sum(pc.multiply(coded["width"].cast(pa.int64()), coded["height"].cast(pa.int64())))
+    return 8.0 * _sum(coded["compressed_bytes"]) / pixels if pixels else None
 
 
 def _mean(column) -> float | None:
@@ -373,7 +390,8 @@ def check_model_available(job: dict[str, Any] | None, model: str | None) -> None
     if find_by_sha256(sha) is None:
         raise ConfigError(
             f"this archive was written with model {job['model']['id']!r} ({describe_sha256(sha)}), "
-            "which is not in the model registry here; pass --model with that checkpoint"
+            "which is not in the model registry here; pass --model with that checkpoint, or make it findable "
+            "by name (a folder in NCPIPE_MODEL_DIRS, or the model store NCPIPE_MODEL_STORE)"
         )
 
 
