@@ -18,12 +18,13 @@ PACKAGE = ROOT / "ncpipe"
 
 # Lower layers never import higher ones. A "unit" is a subpackage or a top-level module.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"__init__", "errors"}),
-    frozenset({"device", "images", "metrics", "io", "entropy", "bitstream", "manifest", "config", "resources"}),
+    frozenset({"__init__", "errors", "exit_status"}),
+    frozenset({"device", "images", "metrics", "io", "entropy", "bitstream", "manifest", "config", "resources",
+               "progress"}),
     frozenset({"models", "codec"}),
     frozenset({"diffusion"}),
     frozenset({"pipeline", "train", "evaluation", "reliability", "operations", "api"}),
-    frozenset({"cli", "__main__", "exit_status"}),
+    frozenset({"cli", "__main__"}),
 )
 
 

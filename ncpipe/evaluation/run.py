@@ -16,7 +16,7 @@ models that share a card's ``series`` (default: their architecture), one point (
 BD-rates use the baseline as the anchor: negative means the learned series needs fewer
 bits for the same quality. Every bpp counts whole files (the ``.ncb`` container, the
 JPEG/WebP/AVIF/JPEG XL file), every quality is measured on the decoded 8-bit RGB image.
-Progress (images coded of the run's total, elapsed time, ETA) goes to stderr: see ncpipe.evaluation.progress.
+Progress (images coded of the run's total, elapsed time, ETA) goes to stderr: see ncpipe.progress.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from ncpipe.evaluation.baselines import BASELINE_NAMES, ClassicalCodec, get_base
 from ncpipe.evaluation.bdrate import bd_psnr, bd_rate
 from ncpipe.evaluation.learned import ImageResult, evaluate_model, load_image_set, summarise_results
 from ncpipe.evaluation.plots import plot_rd
-from ncpipe.evaluation.progress import Progress
+from ncpipe.progress import Progress
 from ncpipe.io.image_files import list_image_files
 from ncpipe.io.storage import atomic_writer
 from ncpipe.manifest import arrow_schema
@@ -277,7 +277,7 @@ def run_evaluation(config: EvaluateConfig, command: str) -> EvaluationReport:
     rows: list[EvaluationRow] = []
     measured: list[tuple[_LearnedModel, list[ImageResult]]] = []
     # One unit per image coded at one learned rate point, or swept by one baseline.
-    with Progress(len(images) * (learned_points + len(baselines))) as progress:
+    with Progress(len(images) * (learned_points + len(baselines)), label="evaluate") as progress:
         for model in models:
             results = evaluate_checkpoint(model.ref, images, device, progress)
             measured.append((model, results))

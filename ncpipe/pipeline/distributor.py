@@ -26,11 +26,13 @@ from ncpipe.errors import NcpipeError
 from ncpipe.io.urls import redact
 from ncpipe.models.store import model_runtime_env
 from ncpipe.pipeline.actors import WorkerResources
+from ncpipe.progress import Progress
 
 log = logging.getLogger(__name__)
 
 _ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
-PROGRESS_EVERY_SECONDS = 5.0
+PROGRESS_EVERY_SECONDS = 5.0  # between log lines
+TERMINAL_TICK_SECONDS = 1.0  # between redraws of a terminal's progress bar
 
 
 def connect(cluster: ClusterConfig) -> None:
@@ -160,28 +162,34 @@ def run_on_actors(
     pending = deque(tasks)
     inflight: dict[ray.ObjectRef, tuple[Any, Any]] = {}
     outcome = PoolOutcome([], [])
-    while pending or inflight:
-        while idle and pending:
-            actor, task = idle.popleft(), pending.popleft()
-            inflight[actor.run.remote(task)] = (task, actor)
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=PROGRESS_EVERY_SECONDS)
-        progress.tick()
-        for ref in ready:
-            task, actor = inflight.pop(ref)
-            try:
-                result = ray.get(ref)
-            except _ACTOR_LOST as err:
-                actor = _replace_if_dead(actor, make_actor)
-                _retry_or_fail(task, err, max_attempts, describe, pending, outcome)
-            except RayTaskError as err:
-                outcome.failures.append(ShardFailure(task, redact(str(err.cause or err))))
-                log.error("%s failed: %s", describe(task), redact(str(err.cause or err)))
-            else:
-                outcome.results.append(result)
-                progress.shard_done()
-            idle.append(actor)
-    progress.tick(force=True)
+    with progress:
+        while pending or inflight:
+            while idle and pending:
+                actor, task = idle.popleft(), pending.popleft()
+                inflight[actor.run.remote(task)] = (task, actor)
+            _collect(inflight, idle, pending, outcome, make_actor, max_attempts, describe, progress)
+        progress.tick(force=True)
     return outcome
+
+
+def _collect(inflight, idle, pending, outcome, make_actor, max_attempts, describe, progress) -> None:
+    """Wait for the next finished shard (or the next progress tick) and book what finished."""
+    ready, _ = ray.wait(list(inflight), num_returns=1, timeout=progress.interval)
+    for ref in ready:
+        task, actor = inflight.pop(ref)
+        try:
+            result = ray.get(ref)
+        except _ACTOR_LOST as err:
+            actor = _replace_if_dead(actor, make_actor)
+            _retry_or_fail(task, err, max_attempts, describe, pending, outcome)
+        except RayTaskError as err:
+            outcome.failures.append(ShardFailure(task, redact(str(err.cause or err))))
+            log.error("%s failed: %s", describe(task), redact(str(err.cause or err)))
+        else:
+            outcome.results.append(result)
+            progress.shard_done(task)
+        idle.append(actor)
+    progress.tick()
 
 
 def wait_ready(actors: Sequence[Any]) -> None:
@@ -231,27 +239,28 @@ class ProgressCounter:
 
 
 class ProgressLog:
-    """Periodic one-line progress for long jobs (works in terminals and in Ray job logs)."""
+    """A job's progress: shards done of the total, plus the images the workers count and the input
+    bytes of the shards done; a bar on a terminal, log lines elsewhere (ncpipe.progress)."""
 
-    def __init__(self, total_shards: int, label: str):
-        self.total = total_shards
-        self.label = label
+    def __init__(self, total_shards: int, label: str, measure: Callable[[Any], int] = lambda task: 0):
         # Workers find the counter by name: an actor handle passed as a constructor
         # argument would make Ray unable to restart a crashed worker safely.
         self.counter_name = f"ncpipe-progress-{label}-{os.getpid()}-{time.time_ns()}"
         self.counter = ProgressCounter.options(name=self.counter_name).remote()
-        self.done = 0
-        self.started = self.last = time.perf_counter()
+        self.progress = Progress(total_shards, unit="shards", label=label)
+        self.measure = measure  # a task -> its input bytes
+        self.interval = TERMINAL_TICK_SECONDS if self.progress.terminal else PROGRESS_EVERY_SECONDS
 
-    def shard_done(self) -> None:
-        self.done += 1
+    def __enter__(self) -> "ProgressLog":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.progress.close()
+
+    def shard_done(self, task: Any) -> None:
+        self.progress.done += 1
+        self.progress.nbytes += self.measure(task)
 
     def tick(self, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not force and now - self.last < PROGRESS_EVERY_SECONDS:
-            return
-        self.last = now
-        samples = ray.get(self.counter.get.remote())
-        elapsed = now - self.started
-        log.info("%s: %d/%d shards done, %d samples, %.1f samples/s, %.0fs elapsed",
-                 self.label, self.done, self.total, samples, samples / max(elapsed, 1e-9), elapsed)
+        images = ray.get(self.counter.get.remote())
+        self.progress.update(self.progress.done, images=images, force=force)

@@ -51,7 +51,7 @@ def evaluated(tmp_path_factory) -> dict[str, Path]:
 @contextlib.contextmanager
 def _progress_messages() -> Iterator[list[str]]:
     """The progress module's log messages (caplog is per test; the fixture that runs the evaluation is not)."""
-    logger = logging.getLogger("ncpipe.evaluation.progress")
+    logger = logging.getLogger("ncpipe.progress")
     messages: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: messages.append(record.getMessage())
@@ -81,7 +81,7 @@ def test_every_quality_level_is_a_rate_point_of_one_series(evaluated):
 
 def test_progress_ends_with_a_report_of_every_image(evaluated):
     assert evaluated["progress"], "no progress was logged"
-    assert evaluated["progress"][-1].startswith("6/6 images (100%)")
+    assert evaluated["progress"][-1].startswith("evaluate: 6/6 images (100%)")
     assert "ETA 0:00 (vbr q3)" in evaluated["progress"][-1]
 
 
