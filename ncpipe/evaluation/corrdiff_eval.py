@@ -63,6 +63,7 @@ from ncpipe.evaluation.perceptual import (
 )
 from ncpipe.evaluation.plots import plot_sweep
 from ncpipe.evaluation.refiners import evaluated_qualities, short_name
+from ncpipe.evaluation.tables import LEFT, RIGHT, markdown_table
 from ncpipe.io.image_files import list_image_files
 from ncpipe.io.storage import atomic_writer
 from ncpipe.manifest import arrow_schema
@@ -253,21 +254,22 @@ def summarise(rows: Sequence[CorrDiffResult]) -> list[CorrDiffSummary]:
     return summary
 
 
+SUMMARY_COLUMNS = (("q", RIGHT), ("method", LEFT), ("p", RIGHT), ("bpp", RIGHT), ("coeff. bytes", RIGHT),
+                   ("PSNR (dB)", RIGHT), ("ΔPSNR (dB) [95 % CI]", RIGHT), ("MS-SSIM", RIGHT), ("GMSD", RIGHT),
+                   ("HaarPSI", RIGHT), ("HF ratio", RIGHT), ("mean λ", RIGHT), ("encode (s)", RIGHT),
+                   ("decode (s)", RIGHT))
+
+
 def render_markdown(summary: Sequence[CorrDiffSummary], metadata: dict[str, Any]) -> str:
-    lines = [
-        "| q | method | p | bpp | coeff. bytes | PSNR (dB) | ΔPSNR (dB) [95 % CI] | MS-SSIM | GMSD | HaarPSI "
-        "| HF ratio | mean λ | encode (s) | decode (s) |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for s in summary:
-        p = "–" if math.isnan(s.perception) else f"{s.perception:g}"
-        lam = "–" if math.isnan(s.mean_lambda) else f"{s.mean_lambda:.3f}"
-        gain = Interval(s.delta_psnr, s.delta_psnr_low, s.delta_psnr_high, s.images).text()
-        lines.append(
-            f"| {s.quality} | {s.method} | {p} | {s.bpp:.4f} | {s.coefficient_bytes:.0f} | {s.psnr:.3f} | {gain} | "
-            f"{s.ms_ssim:.4f} | {s.gmsd:.4f} | {s.haarpsi:.4f} | {s.hf_ratio:.3f} | {lam} | {s.encode_seconds:.2f} "
-            f"| {s.decode_seconds:.2f} |"
-        )
+    def dash(value: float, text: str) -> str:
+        return "–" if math.isnan(value) else text
+
+    lines = markdown_table(SUMMARY_COLUMNS, (
+        (s.quality, s.method, dash(s.perception, f"{s.perception:g}"), f"{s.bpp:.4f}", f"{s.coefficient_bytes:.0f}",
+         f"{s.psnr:.3f}", Interval(s.delta_psnr, s.delta_psnr_low, s.delta_psnr_high, s.images).text(),
+         f"{s.ms_ssim:.4f}", f"{s.gmsd:.4f}", f"{s.haarpsi:.4f}", f"{s.hf_ratio:.3f}",
+         dash(s.mean_lambda, f"{s.mean_lambda:.3f}"), f"{s.encode_seconds:.2f}", f"{s.decode_seconds:.2f}")
+        for s in summary))
     header = (f"Codec {metadata['codec']}; images: {', '.join(metadata['images'])}. Command: `{metadata['command']}`, "
               f"{metadata['date']}, on {metadata['machine']}.")
     return "\n".join([header, "", *lines, "", str(metadata["perceptual"])]) + "\n"

@@ -57,6 +57,7 @@ from ncpipe.evaluation.perceptual import (
     perceptual_weights,
 )
 from ncpipe.evaluation.plots import plot_sweep
+from ncpipe.evaluation.tables import LEFT, RIGHT, markdown_table
 from ncpipe.io.image_files import list_image_files
 from ncpipe.io.storage import atomic_writer
 from ncpipe.manifest import arrow_schema
@@ -323,33 +324,31 @@ def gains(rows: Sequence[RefinerResult]) -> list[GainRow]:
     return table
 
 
+SUMMARY_COLUMNS = (("codec", LEFT), ("q", RIGHT), ("λ", LEFT), ("method", LEFT), ("K", RIGHT), ("bpp", RIGHT),
+                   ("PSNR (dB)", RIGHT), ("ΔPSNR (dB) [95 % CI]", RIGHT), ("MS-SSIM", RIGHT), ("GMSD", RIGHT),
+                   ("HaarPSI", RIGHT), ("HF ratio", RIGHT), ("decode (s)", RIGHT), ("refine (s)", RIGHT),
+                   ("outside bin", RIGHT))
+GAIN_COLUMNS = (("codec", LEFT), ("method", LEFT), ("K", RIGHT), ("qualities", RIGHT), ("images", RIGHT),
+                ("ΔPSNR (dB) [95 % CI]", RIGHT), ("ΔMS-SSIM [95 % CI]", RIGHT), ("ΔGMSD", RIGHT),
+                ("ΔHaarPSI", RIGHT), ("HF ratio", RIGHT), ("decode (s)", RIGHT))
+
+
 def render_markdown(summary: Sequence[SummaryRow], metadata: dict[str, Any]) -> str:
-    lines = [
-        "| codec | q | λ | method | K | bpp | PSNR (dB) | ΔPSNR (dB) [95 % CI] | MS-SSIM | GMSD | HaarPSI | HF ratio "
-        "| decode (s) | refine (s) | outside bin |",
-        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for s in summary:
-        gain = Interval(s.delta_psnr, s.delta_psnr_low, s.delta_psnr_high, s.images).text()
-        lines.append(
-            f"| {s.codec} | {s.quality} | {s.rate} | {s.method} | {s.steps} | {s.bpp:.4f} | {s.psnr:.3f} | {gain} | "
-            f"{s.ms_ssim:.4f} | {s.gmsd:.4f} | {s.haarpsi:.4f} | {s.hf_ratio:.3f} | {s.decode_seconds:.2f} | "
-            f"{s.refine_seconds:.2f} | {s.outside_bin:.4f} |"
-        )
+    lines = markdown_table(SUMMARY_COLUMNS, (
+        (s.codec, s.quality, s.rate, s.method, s.steps, f"{s.bpp:.4f}", f"{s.psnr:.3f}",
+         Interval(s.delta_psnr, s.delta_psnr_low, s.delta_psnr_high, s.images).text(), f"{s.ms_ssim:.4f}",
+         f"{s.gmsd:.4f}", f"{s.haarpsi:.4f}", f"{s.hf_ratio:.3f}", f"{s.decode_seconds:.2f}",
+         f"{s.refine_seconds:.2f}", f"{s.outside_bin:.4f}") for s in summary))
     return "\n".join([_provenance_line(metadata), "", *lines, "", str(metadata["perceptual"])]) + "\n"
 
 
 def render_gains(table: Sequence[GainRow], metadata: dict[str, Any]) -> str:
-    lines = [
-        "| codec | method | K | qualities | images | ΔPSNR (dB) [95 % CI] | ΔMS-SSIM [95 % CI] | ΔGMSD | ΔHaarPSI "
-        "| HF ratio | decode (s) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for g in table:
-        psnr = Interval(g.delta_psnr, g.delta_psnr_low, g.delta_psnr_high, g.images).text()
-        msssim = Interval(g.delta_ms_ssim, g.delta_ms_ssim_low, g.delta_ms_ssim_high, g.images).text(4)
-        lines.append(f"| {g.codec} | {g.method} | {g.steps} | {g.qualities} | {g.images} | {psnr} | {msssim} | "
-                     f"{g.delta_gmsd:+.4f} | {g.delta_haarpsi:+.4f} | {g.hf_ratio:.3f} | {g.decode_seconds:.2f} |")
+    lines = markdown_table(GAIN_COLUMNS, (
+        (g.codec, g.method, g.steps, g.qualities, g.images,
+         Interval(g.delta_psnr, g.delta_psnr_low, g.delta_psnr_high, g.images).text(),
+         Interval(g.delta_ms_ssim, g.delta_ms_ssim_low, g.delta_ms_ssim_high, g.images).text(4),
+         f"{g.delta_gmsd:+.4f}", f"{g.delta_haarpsi:+.4f}", f"{g.hf_ratio:.3f}", f"{g.decode_seconds:.2f}")
+        for g in table))
     note = ("Gain = method − codec on the same bitstream (same bits), averaged over the qualities per image; "
             "intervals: paired Student-t over images.")
     return "\n".join([_provenance_line(metadata), "", *lines, "", note]) + "\n"
@@ -379,7 +378,7 @@ def write_outputs(output: Path, rows: Sequence[RefinerResult], metadata: dict[st
     codecs = list(dict.fromkeys(s.codec for s in summary))
     for codec in codecs:
         suffix = "" if len(codecs) == 1 else f"_{codec}"
-        points = _plot_rows([g for g in gain_table if g.codec == codec])
+        points = [asdict(g) for g in gain_table if g.codec == codec]
         if not points:
             continue
         written.append(plot_sweep(points, path=output / f"gain_vs_steps{suffix}.png", x="steps", y="delta_psnr",
@@ -388,10 +387,6 @@ def write_outputs(output: Path, rows: Sequence[RefinerResult], metadata: dict[st
         written.append(plot_sweep(points, path=output / f"decode_time_vs_steps{suffix}.png", x="steps",
                                   y="decode_seconds", group="method", title=f"{codec}: decode time vs K"))
     return tuple(written)
-
-
-def _plot_rows(table: Sequence[GainRow]) -> list[dict[str, Any]]:
-    return [asdict(g) for g in table]
 
 
 def _write(path: Path, write) -> Path:
