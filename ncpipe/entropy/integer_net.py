@@ -58,8 +58,10 @@ class _FixedConv:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         acc = self._transposed(x) if self.transposed else self._direct(x)
-        acc = acc + self.bias.view(1, -1, 1, 1)
-        return torch.clamp(torch.floor(acc * 2.0**-self.frac_bits + 0.5), -ACT_LIMIT, ACT_LIMIT)
+        # in place on the fresh accumulator: the same IEEE operations in the same order, without a
+        # temporary per operation
+        acc.add_(self.bias.view(1, -1, 1, 1)).mul_(2.0**-self.frac_bits).add_(0.5).floor_()
+        return acc.clamp_(-ACT_LIMIT, ACT_LIMIT)
 
     # Convolutions as explicit im2col/col2im + matrix products: only sums of exact
     # integer products, whatever library or device runs them (cuDNN, which may pick

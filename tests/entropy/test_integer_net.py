@@ -7,6 +7,7 @@ from torch import nn
 
 from ncpipe.entropy.integer_net import (
     ACT_FRAC_BITS,
+    ACT_LIMIT,
     IntegerHyperSynthesis,
     IntegerNetError,
     choose_weight_frac_bits,
@@ -84,3 +85,22 @@ def test_refuses_layers_without_a_fixed_point_form_and_mismatched_precisions():
         IntegerHyperSynthesis(nn.Sequential(nn.Conv2d(2, 2, 3), nn.Sigmoid()), (8,))
     with pytest.raises(IntegerNetError, match="precisions"):
         IntegerHyperSynthesis(_h_s(), (16,))
+
+
+def test_each_layer_is_the_fixed_point_formula_on_ordinary_and_clamped_inputs():
+    """The layers (which update their accumulators in place) give round((Σ w·a + b) · 2^-W) clamped, exactly."""
+    h_s = _h_s(3)
+    net = IntegerHyperSynthesis(h_s, choose_weight_frac_bits(h_s))
+    for x in (torch.round(torch.randn(2, 16, 4, 5) * 5 * 2**ACT_FRAC_BITS).double(),
+              torch.full((1, 16, 3, 3), -float(ACT_LIMIT), dtype=torch.float64)):
+        for step in net.steps:
+            if hasattr(step, "weight"):
+                conv = F.conv_transpose2d if step.transposed else F.conv2d
+                extra = (step.output_padding,) if step.transposed else ()
+                acc = conv(x, step.weight, step.bias, step.stride, step.padding, *extra)
+                expected = torch.clamp(torch.floor(acc * 2.0**-step.frac_bits + 0.5), -ACT_LIMIT, ACT_LIMIT)
+            else:
+                negative = torch.floor(x * (step.slope_numerator * 2.0**-16) + 0.5)
+                expected = torch.where(x < 0, negative, x)
+            x = step(x.clone())
+            assert torch.equal(x, expected)
