@@ -11,6 +11,8 @@ dots replaced by ``_`` (a WebDataset key ends at the first dot), and whose one m
 
 from __future__ import annotations
 
+import hashlib
+import json
 import posixpath
 from dataclasses import dataclass
 from typing import Iterator
@@ -54,6 +56,15 @@ def input_shards(urls: list[str]) -> list[InputShard]:
         group.append(url)
     close_group()
     return shards
+
+
+def with_grouping(fingerprint: str, shards: list[InputShard]) -> str:
+    """``fingerprint`` extended by which image files form which shard, when there are image groups:
+    a folder that changed between runs must not resume into shards that hold other files."""
+    groups = [[shard.url, *shard.files] for shard in shards if shard.files]
+    if not groups:
+        return fingerprint
+    return hashlib.sha256(json.dumps([fingerprint, groups]).encode()).hexdigest()[:16]
 
 
 def image_key(url: str) -> str:

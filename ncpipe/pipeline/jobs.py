@@ -30,7 +30,7 @@ from ncpipe.io.storage import (
     size_of,
     write_bytes_atomic,
 )
-from ncpipe.io.image_shards import InputShard, input_shards
+from ncpipe.io.image_shards import InputShard, input_shards, with_grouping
 from ncpipe.io.urls import check_output_outside_inputs, expand_inputs, redact, shard_stem
 from ncpipe.manifest import RESTORE_SCHEMA, STATUS_ERROR, STATUS_OK, read_manifest
 from ncpipe.models.checkpoint import model_digest, read_checkpoint
@@ -192,7 +192,7 @@ def run_compress(config: CompressConfig) -> CompressSummary:
     if config.quality is not None:  # the model's default needs no check (nor loading the model here)
         coding_quality(config.model, config.quality)
     corrdiff_sha256 = corrdiff_sha256_of(config.corrdiff, sha256) if config.corrdiff else None
-    fingerprint = config.coding_fingerprint(sha256, corrdiff_sha256)
+    fingerprint = with_grouping(config.coding_fingerprint(sha256, corrdiff_sha256), shards)
     job_id = new_job_id(fingerprint)
     archive = ArchiveLayout(config.output)
     lock_output(archive.lock_file, job_id, "compress")

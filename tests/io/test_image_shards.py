@@ -1,7 +1,7 @@
 """Image files as compress input: grouped into shards per folder, one sample per file with a stable key."""
 
 from ncpipe.io import image_shards
-from ncpipe.io.image_shards import InputShard, input_shards, iter_shard_samples
+from ncpipe.io.image_shards import InputShard, input_shards, iter_shard_samples, with_grouping
 from tests.helpers import put_bytes, tar_bytes
 
 
@@ -37,3 +37,12 @@ def test_a_tar_shard_reads_as_before(tmp_path):
     (tmp_path / "s.tar").write_bytes(tar_bytes([("k.jpg", b"x"), ("k.cls", b"1")]))
     (sample,) = iter_shard_samples(str(tmp_path / "s.tar"))
     assert sample.key == "k" and [m.name for m in sample.members] == ["k.jpg", "k.cls"]
+
+
+def test_the_grouping_of_image_files_is_part_of_the_fingerprint():
+    tars = [InputShard("s3://b/a.tar")]
+    photos = [InputShard("/p/images-000000", ("/p/a.jpg", "/p/b.jpg"))]
+    assert with_grouping("f" * 16, tars) == "f" * 16  # tar shards: fingerprints as before
+    grouped = with_grouping("f" * 16, photos)
+    assert grouped != "f" * 16 and len(grouped) == 16
+    assert with_grouping("f" * 16, [InputShard("/p/images-000000", ("/p/0.jpg", "/p/a.jpg"))]) != grouped

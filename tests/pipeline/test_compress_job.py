@@ -238,6 +238,9 @@ def test_a_folder_of_jpegs_compresses_and_restores_to_jpegs(tmp_path, tiny_model
     files = sorted(p.name for p in (restored / "images-000000").iterdir())
     assert files == sorted(originals)
     assert all(Image.open(restored / "images-000000" / name).format == "JPEG" for name in files)
+    (photos / "kodim00.jpg").write_bytes(originals["kodim01.jpg"])  # the folder changed: no silent resume
+    with pytest.raises(ConfigError, match="--overwrite"):
+        run_compress(CompressConfig(inputs=(str(photos),), output=archive, model=str(tiny_model_path)))
 
 
 def test_one_image_file_is_a_shard_of_one_sample(tmp_path, tiny_model_path, ray_local):
