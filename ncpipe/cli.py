@@ -38,6 +38,15 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cpus-per-worker", type=float, help="CPUs each actor reserves and uses as threads")
 
 
+DEVICE_HELP = "auto (a GPU when there is one), cpu or cuda[:N] (default: auto)"
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--batch-size``, the same for every job command."""
+    parser.add_argument("--batch-size", type=int, default=8, help="images per device batch (default: 8)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
 QUALITY_HELP = ("quality level of a variable-rate model, 1 (fewest bits) .. n; default: the model's default; "
                 "see `ncpipe models`")
 
@@ -61,8 +70,7 @@ def _add_compress(sub) -> None:
     p.add_argument("-m", "--model", default=DEFAULT_MODEL,
                    help=f"registry name or checkpoint path (default: {DEFAULT_MODEL})")
     p.add_argument("--quality", type=int, metavar="Q", help=QUALITY_HELP)
-    p.add_argument("--batch-size", type=int, default=8, help="images per device batch (default: 8)")
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda[:N] (default: auto)")
+    add_device_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace output made with a different configuration")
     p.add_argument("--no-metrics", action="store_true",
                    help="skip per-image PSNR/MS-SSIM (saves one synthesis per image)")
@@ -118,7 +126,8 @@ def _add_decompress(sub) -> None:
                    help="checkpoint or registry name to decode with (default: the one each bitstream names)")
     p.add_argument("--refiner", help="NC-Diffusion refiner checkpoint applied to the codec's reconstruction "
                    "(trained for that codec; see ncpipe train refiner)")
-    p.add_argument("--steps", type=int, default=4, help="refiner sampling steps K (default: 4)")
+    p.add_argument("--refiner-steps", "--steps", dest="refiner_steps", type=int, default=4, metavar="K",
+                   help="refiner sampler steps K (default: 4; --steps is its older name)")
     p.add_argument("--guidance", type=float, default=0.0,
                    help="zero-shot latent-consistency guidance strength S in [0, 2] (default: 0, off)")
     p.add_argument("--decoder", choices=("codec", "corrdiff"), default="codec",
@@ -129,8 +138,7 @@ def _add_decompress(sub) -> None:
     p.add_argument("--perception", type=float, default=0.5,
                    help="CorrDiff's distortion-perception knob p in [0, 1]: 0 = the codec's reconstruction, 0.5 = "
                    "as the encoder optimised (default), 1 = the uncorrected diffusion sample")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
+    add_device_options(p)
     p.add_argument("--overwrite", action="store_true", help="clear the output location first")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse bitstreams declaring more pixels")
     _add_cluster_options(p)
@@ -143,7 +151,8 @@ def _decompress(args: argparse.Namespace) -> int:
 
     config = DecompressConfig(
         inputs=tuple(args.inputs), output=args.output, model=args.model, to=args.to, image_format=args.format,
-        jpeg_quality=args.jpeg_quality, refiner=args.refiner, refine_steps=args.steps, guidance=args.guidance, decoder=args.decoder, corrdiff=args.corrdiff,
+        jpeg_quality=args.jpeg_quality, refiner=args.refiner, refine_steps=args.refiner_steps, guidance=args.guidance,
+        decoder=args.decoder, corrdiff=args.corrdiff,
         perception=args.perception, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
         max_pixels=args.max_pixels, cluster=_cluster(args),
     )
@@ -175,8 +184,7 @@ def _add_recompress(sub) -> None:
     p.add_argument("--decode-model", action="append", default=[], metavar="MODEL",
                    help="an old model to transcode with that is not in the registry (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="list what would change and the projected bytes")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
+    add_device_options(p)
     _add_cluster_options(p)
     add_allow_errors(p)
     p.set_defaults(handler=_recompress)
@@ -200,7 +208,7 @@ def _add_demo(sub) -> None:
                        description="Runs compress on the sample shards that come with ncpipe (samples/shards/*.tar) "
                        f"with model {DEFAULT_MODEL} into <output>/archive, then decompress into <output>/restored.")
     p.add_argument("-o", "--output", default="out/demo", help="demo output folder (default: out/demo)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(handler=_demo)
 
 

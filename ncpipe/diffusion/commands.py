@@ -51,7 +51,8 @@ def register(subparsers) -> None:
     p.add_argument("--refiner", action="append", type=labelled_path, default=[], metavar="LABEL=PATH",
                    help="a refiner checkpoint and its method label (repeat); e.g. nc=runs/refiners/nc/refiner.pt")
     add_evaluation_options(p)
-    p.add_argument("--steps", type=int_tuple, default=(1, 2, 4, 8), help="sampler steps K (default: 1,2,4,8)")
+    p.add_argument("--refiner-steps", "--steps", dest="refiner_steps", type=int_tuple, default=(1, 2, 4, 8),
+                   metavar="K,...", help="refiner sampler steps K (default: 1,2,4,8; --steps is its older name)")
     p.add_argument("--guidance", type=float, default=0.0,
                    help="latent-consistency strength S for the guided variants (0: none)")
     p.add_argument("--guidance-low-frequency", type=float, default=0.0, help="low-frequency consistency weight w")
@@ -65,8 +66,8 @@ def _evaluate_refiner(args: argparse.Namespace) -> int:
 
     config = RefinerEvalConfig(
         codecs=tuple(args.codec), refiners=tuple(args.refiner), images=args.images, output=args.output,
-        steps=args.steps, guidance=args.guidance, guidance_low_frequency=args.guidance_low_frequency,
-        guided=tuple(args.guided), limit=args.limit, device=args.device, qualities=tuple(args.qualities),
+        steps=args.refiner_steps, guidance=args.guidance, guidance_low_frequency=args.guidance_low_frequency,
+        guided=tuple(args.guided), limit=args.max_images, device=args.device, qualities=tuple(args.qualities),
     )
     return run_evaluation(args, evaluate_refiners, config)
 
@@ -78,10 +79,11 @@ def add_evaluation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, help="folder of evaluation images (e.g. Kodak)")
     p.add_argument("--qualities", type=int_tuple, default=(),
                    help="quality levels of a variable-rate codec to evaluate (default: all)")
-    p.add_argument("--limit", type=int, default=0, help="first N images by name (default: all)")
+    p.add_argument("--max-images", "--limit", dest="max_images", type=int, default=0, metavar="N",
+                   help="only the first N images, sorted by name (default: all; --limit is its older name)")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda[:N] (default: auto)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads torch uses (0: torch's default)")
 
 
 def run_evaluation(args: argparse.Namespace, evaluate, config) -> int:
@@ -186,7 +188,7 @@ def add_run_options(p: argparse.ArgumentParser, released: str, required: bool = 
 
 def add_network_options(p: argparse.ArgumentParser, affm_help: str) -> argparse._ArgumentGroup:
     """The U-Net's size; returns the group, for the network's own options."""
-    from ncpipe.diffusion.unet import UNET_PRESETS
+    from ncpipe.diffusion.presets import UNET_PRESETS
 
     net = p.add_argument_group("network")
     net.add_argument("--preset", choices=sorted(UNET_PRESETS), default="small",
@@ -226,7 +228,7 @@ def add_optimisation_options(p: argparse.ArgumentParser, cache_help: str) -> Non
 
 def train_options(args: argparse.Namespace) -> dict:
     """The ``DiffusionTrainOptions`` fields (and data, run_dir) of a diffusion trainer's command line."""
-    from ncpipe.diffusion.unet import UNET_PRESETS
+    from ncpipe.diffusion.presets import UNET_PRESETS
 
     size = UNET_PRESETS[args.preset]
     sizes = {name: getattr(args, name) if getattr(args, name) is not None else getattr(size, name)

@@ -14,6 +14,7 @@ from ncpipe.diffusion.commands import (
     add_optimisation_options,
     add_run_options,
     float_tuple,
+    int_tuple,
     labelled_path,
     run_evaluation,
     train_options,
@@ -40,8 +41,10 @@ def register(subparsers) -> None:
     add_evaluation_options(p)
     p.add_argument("--perception", type=float_tuple, default=(0.0, 0.25, 0.5, 0.75, 1.0),
                    help="knob values p to decode at (default: 0,0.25,0.5,0.75,1)")
-    p.add_argument("--steps", type=int, help="CorrDiff sampler steps K (default: the decoder's)")
-    p.add_argument("--bits", type=int, help="bits per coefficient b (default: the decoder's)")
+    p.add_argument("--corrdiff-steps", "--steps", dest="corrdiff_steps", type=int, metavar="K",
+                   help="CorrDiff sampler steps K (default: the decoder's; --steps is its older name)")
+    p.add_argument("--corrdiff-bits", "--bits", dest="corrdiff_bits", type=int, metavar="B",
+                   help="bits per coefficient b (default: the decoder's; --bits is its older name)")
     p.set_defaults(handler=_evaluate_corrdiff)
 
 
@@ -50,8 +53,8 @@ def _evaluate_corrdiff(args: argparse.Namespace) -> int:
 
     config = CorrDiffEvalConfig(
         codec=args.codec, corrdiff=args.corrdiff, refiners=tuple(args.refiner), refiner_steps=args.refiner_steps,
-        images=args.images, output=args.output, perceptions=args.perception, steps=args.steps, bits=args.bits,
-        limit=args.limit, device=args.device, qualities=tuple(args.qualities),
+        images=args.images, output=args.output, perceptions=args.perception, steps=args.corrdiff_steps, bits=args.corrdiff_bits,
+        limit=args.max_images, device=args.device, qualities=tuple(args.qualities),
     )
     return run_evaluation(args, evaluate_corrdiff, config)
 
@@ -72,6 +75,8 @@ def register_train(train_subparsers) -> None:
     net.add_argument("--conditioner-hidden", type=int, default=64, help="C: width of the conditioner's latent conv")
     net.add_argument("--multiscale", action="store_true",
                      help="also feed the latent-grid features to every U-Net level at its resolution")
+    net.add_argument("--qualities", type=int_tuple, default=(),
+                     help="quality levels of a variable-rate codec to train on (default: all)")
     enc = p.add_argument_group("encoder defaults (stored in the decoder)")
     enc.add_argument("--sample-steps", type=int, default=4, help="K: sampler steps, one coefficient each")
     enc.add_argument("--per-channel", action="store_true",
@@ -88,7 +93,7 @@ def train_corrdiff_config(args: argparse.Namespace):
     return CorrDiffTrainConfig(
         codec=args.codec, latent_features=args.latent_features, conditioner_hidden=args.conditioner_hidden,
         sample_steps=args.sample_steps, coefficient_bits=args.coefficient_bits, multiscale=args.multiscale,
-        coefficient_groups=3 if args.per_channel else 1, **train_options(args),
+        coefficient_groups=3 if args.per_channel else 1, qualities=tuple(args.qualities), **train_options(args),
     )
 
 

@@ -25,10 +25,11 @@ def register(subparsers) -> None:
     p.add_argument("archive", help="archive root (read through CURRENT) or a generation directory; local or URL")
     p.add_argument("-m", "--model", help="registry name or checkpoint to decode with (default: the registry "
                    "model whose SHA-256 the archive records)")
-    p.add_argument("--device", default="cpu", help="device for the hyper-synthesis and --full synthesis "
-                   "(cpu, cuda[:N], auto; default: cpu)")
+    p.add_argument("--device", default="auto", help="device for the hyper-synthesis and --full synthesis: auto "
+                   "(a GPU when there is one), cpu or cuda[:N] (default: auto)")
     p.add_argument("--full", action="store_true", help="also synthesise every image (as a restore would)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="checking threads (default: all CPUs)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="CPU threads checking bitstreams (default: all CPUs)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse bitstreams declaring more pixels")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=_verify)

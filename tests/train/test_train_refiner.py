@@ -159,7 +159,7 @@ def test_unet_presets_and_the_base_size() -> None:
     """The named base size is a 3-10 M parameter refiner (with ŷ and log λ conditioning of a 128-channel codec)."""
     import dataclasses
 
-    from ncpipe.diffusion.unet import UNET_PRESETS
+    from ncpipe.diffusion.presets import UNET_PRESETS
 
     base = RefinerTrainConfig(codecs=("a",), data=(), run_dir="r", latent_features=8, rate_conditioning=True,
                               **dataclasses.asdict(UNET_PRESETS["base"]))
