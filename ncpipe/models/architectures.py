@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ncpipe.models.tiling import synthesise_tiled
+
 if TYPE_CHECKING:
     from compressai.models.base import CompressionModel
 
@@ -143,8 +145,10 @@ class HyperpriorAdapter:
         return y, self.model.h_a(hyper_input)
 
     def synthesis(self, y_hat: torch.Tensor) -> torch.Tensor:
-        """ŷ -> x̂ (not clamped)."""
-        return self.model.g_s(y_hat)
+        """ŷ -> x̂ (not clamped); in tiles outside autograd, so memory is bounded by the tile (see tiling.py)."""
+        if torch.is_grad_enabled():
+            return self.model.g_s(y_hat)
+        return synthesise_tiled(self.model.g_s, y_hat)
 
     def hyper_synthesis_layers(self) -> nn.Sequential:
         return self.model.h_s
