@@ -163,3 +163,12 @@ def test_the_local_s3_recipe_serves_s3_on_loopback(tmp_path):
     finally:
         server.terminate()
         assert server.wait(timeout=30) == 0
+
+
+def test_the_image_copies_what_the_package_maps_before_installing_it():
+    """pyproject.toml maps models/ and samples/ into the package: they must be there when it is built."""
+    text = DOCKERFILE.read_text()
+    install = text.index("pip install --no-deps .")
+    mapped = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    for folder in {"ncpipe", *mapped}:
+        assert text.index(f"COPY {folder} ./{folder}") < install, folder
