@@ -37,14 +37,15 @@ def _add_run(sub) -> None:
     )
     p.add_argument("spec", help="job spec file (YAML)")
     p.add_argument("--check", action="store_true", help="validate and print the configuration, run nothing")
+    _add_output(p)
     add_allow_errors(p)
     p.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ncpipe.operations.jobspec import load_spec
+    from ncpipe.operations.jobspec import load_spec, with_output
 
-    spec = load_spec(args.spec)
+    spec = with_output(load_spec(args.spec), args.output)
     log.info("ncpipe %s from %s: %s job %s", ncpipe.__version__, Path(ncpipe.__file__).parent, spec.kind, spec.path)
     if args.check:
         print(redact(json.dumps({"kind": spec.kind, "spec": dataclasses.asdict(spec.config)}, indent=2, default=str)))
@@ -53,6 +54,10 @@ def _run(args: argparse.Namespace) -> int:
     if callable(getattr(result, "text", None)):
         print(result.text())
     return job_exit_status(result, args.allow_errors)
+
+
+def _add_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", help="write here instead of the spec's output (a URL, or a path)")
 
 
 def _add_address(parser: argparse.ArgumentParser) -> None:
@@ -79,13 +84,14 @@ def _add_submit(sub) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="gitignore-style pattern kept out of the upload (repeatable)")
     p.add_argument("--submission-id", help="use this id instead of a generated one (must be new on the cluster)")
+    _add_output(p)
     p.set_defaults(handler=_submit)
 
 
 def _submit(args: argparse.Namespace) -> int:
     from ncpipe.operations.submission import jobs_client, plan_submission, submit
 
-    plan = plan_submission(args.spec, args.working_dir, tuple(args.pip), tuple(args.exclude))
+    plan = plan_submission(args.spec, args.working_dir, tuple(args.pip), tuple(args.exclude), output=args.output)
     for warning in plan.warnings:
         log.warning("%s", warning)
     log.info("uploading %s: %d files, %.1f MB; entrypoint: %s", plan.runtime_env["working_dir"],

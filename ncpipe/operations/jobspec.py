@@ -94,6 +94,15 @@ def spec_fields(path: str | Path, kind: str) -> dict[str, Any]:
     return dict(fields)
 
 
+def with_output(spec: JobSpec, output: str | None) -> JobSpec:
+    """``spec`` writing to ``output`` instead of its own (``--output``); unchanged when None."""
+    if output is None:
+        return spec
+    if "output" not in {f.name for f in dataclasses.fields(spec.config)}:
+        raise ConfigError(f"{spec.path}: a {spec.kind} job has no output to replace; leave out --output")
+    return dataclasses.replace(spec, config=dataclasses.replace(spec.config, output=output))
+
+
 def merge_overrides(spec: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """``spec`` with each given flag replacing its field; mapping fields are merged key by key."""
     merged = dict(spec)

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, TextIO
 from ncpipe.errors import NcpipeError
 from ncpipe.io.urls import redact
 from ncpipe.models import store
-from ncpipe.operations.jobspec import load_spec
+from ncpipe.operations.jobspec import load_spec, with_output
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,11 @@ def plan_submission(
     pip: tuple[str, ...] = (),
     excludes: tuple[str, ...] = (),
     limit_bytes: int = UPLOAD_LIMIT_BYTES,
+    output: str | None = None,
 ) -> Submission:
-    """Validate ``spec_path`` here and build the submission that runs it from ``working_dir``."""
-    spec = load_spec(spec_path)
+    """Validate ``spec_path`` here and build the submission that runs it from ``working_dir``
+    (writing to ``output`` instead of the spec's output when given)."""
+    spec = with_output(load_spec(spec_path), output)
     root = Path(working_dir).resolve()
     if not root.is_dir():
         raise SubmissionError(f"--working-dir {working_dir} is not a directory")
@@ -97,7 +99,8 @@ def plan_submission(
         runtime_env["pip"] = list(pip)
     return Submission(
         spec=relative.as_posix(),
-        entrypoint=f"python -m ncpipe run {shlex.quote(relative.as_posix())}",
+        entrypoint=f"python -m ncpipe run {shlex.quote(relative.as_posix())}"
+        + (f" --output {shlex.quote(output)}" if output else ""),
         runtime_env=runtime_env,
         upload_bytes=total,
         upload_files=len(files),
@@ -142,17 +145,25 @@ def _gitignore_patterns(root: Path) -> tuple[str, ...]:
 
 
 def host_path_warnings(config: Any) -> list[str]:
-    """Absolute local paths in a config: on a remote cluster they name files on the cluster's nodes."""
+    """Local paths in a config that do not mean on the cluster what they mean here: absolute ones name
+    files on the cluster's nodes; a relative output lands in the job's unpacked working directory on the
+    head, a temporary folder nobody looks in."""
     values = []
     for name in ("inputs", "output", "model"):
         value = getattr(config, name, None)
         values += list(value) if isinstance(value, (list, tuple)) else [value]
-    return [
+    warnings = [
         f"{redact(value)} is an absolute local path: the job reads it on the cluster's nodes "
         "(use a path inside the working dir, a registry model name, or an object-store URL)"
         for value in values
         if isinstance(value, str) and os.path.isabs(value)
     ]
+    output = getattr(config, "output", None)
+    if isinstance(output, str) and "://" not in output and not os.path.isabs(output):
+        warnings.append(f"output {redact(output)} is relative: the job writes it inside its temporary working "
+                        "directory on the head; pass --output with an object-store URL (or an absolute path on "
+                        "the head) to find the result")
+    return warnings
 
 
 @contextmanager

@@ -24,6 +24,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from ncpipe.cli import main
 from ncpipe.config import ConfigError
 from ncpipe.operations.submission import (
     DEFAULT_EXCLUDES,
@@ -71,6 +72,20 @@ def test_plan_warns_about_absolute_local_paths(tmp_path):
     warnings = plan_submission(spec, tmp_path).warnings
     assert [w.split(" ")[0] for w in warnings] == ["/data/x.tar", "/models/m.pt"]
     assert "on the cluster's nodes" in warnings[0]
+
+
+def test_a_relative_output_is_flagged_and_output_sends_the_job_elsewhere(tmp_path, capsys):
+    """A submitted job's relative output lands in Ray's temporary package folder on the head."""
+    spec = write_spec(tmp_path, "j.yaml", "kind: compress\nspec: {inputs: [data/x.tar], output: out/archive}")
+    (warning,) = plan_submission(spec, tmp_path).warnings
+    assert warning.startswith("output out/archive is relative") and "--output" in warning
+    plan = plan_submission(spec, tmp_path, output="s3://bucket/archive")
+    assert plan.warnings == [] and plan.entrypoint == "python -m ncpipe run jobs/j.yaml --output s3://bucket/archive"
+    assert main(["run", str(spec), "--check", "--output", "s3://bucket/archive"]) == 0
+    assert json.loads(capsys.readouterr().out)["spec"]["output"] == "s3://bucket/archive"
+    evaluate = write_spec(tmp_path, "e.yaml", "kind: train-codec\nspec: {data: [d], run_dir: r}")
+    with pytest.raises(ConfigError, match="has no output to replace"):
+        plan_submission(evaluate, tmp_path, output="s3://bucket/x")
 
 
 def test_plan_refuses_a_spec_outside_or_excluded_from_the_upload(tmp_path):
