@@ -4,7 +4,7 @@
 
     phase 1 (done): the codec, rate-distortion trained and released (models/<name>/model.pt)
 
-    phase 2:  training images ──codec.analyse──> symbols ──entropy_parameters──> ŷ = y_sym + μ   (frozen codec,
+    phase 2:  training images ──codec.analyse(q)─> symbols ──entropy_parameters──> ŷ = Δ_q·y_sym + μ (frozen codec,
               (uint8, whole)     (real rounding)                                  kept in memory   real quantization)
                    │
                    └─> aligned random crops (x0, ŷ) ─> x0 ∈ [-1,1] ─> gaussian_training_batch: t ~ U[0,1),
@@ -44,7 +44,7 @@ from ncpipe.train.diffusion_state import (
     resume_on,
     run_steps,
 )
-from ncpipe.train.refiner_trainer import AlignedCrops, decoded_training_set, load_initial_weights
+from ncpipe.train.refiner_trainer import AlignedCrops, decoded_training_set, load_initial_weights, training_qualities
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class CorrDiffTrainConfig(DiffusionTrainOptions):
     coefficient_bits: int = 4  # b the encoder uses by default
     multiscale: bool = False  # the latent-grid features enter every U-Net level too
     coefficient_groups: int = 1  # 3: one coefficient per step and RGB channel
+    qualities: tuple[int, ...] = ()  # quality levels of a variable-rate codec to train on (empty: all)
 
     def corrdiff_config(self, latent_channels: int) -> CorrDiffConfig:
         return CorrDiffConfig(
@@ -102,7 +103,8 @@ def train_corrdiff(config: CorrDiffTrainConfig) -> Path:
         resumed = resume_on(decoder, optimizer, run_dir, run, device, config, load_initial_weights)
         images = config.training_images(config.data)
         started = time.perf_counter()
-        pool = decoded_training_set(codec, images, config.cache_dir)
+        pools = [decoded_training_set(codec, images, config.cache_dir, q)
+                 for q in training_qualities(codec, config.qualities)]
         log.info("decoded %d training images in %.1f s", len(images), time.perf_counter() - started)
     finally:
         codec.close()
@@ -113,9 +115,9 @@ def train_corrdiff(config: CorrDiffTrainConfig) -> Path:
         codec_mse = F.mse_loss(to_model_range(x_hat), to_model_range(x0)).item()
         return corrdiff_loss(decoder, x0, y_hat, generator, amp_dtype), {"codec_mse": codec_mse}
 
-    crops = AlignedCrops([pool], config.crop, config.seed + resumed.step)
+    crops = AlignedCrops(pools, config.crop, config.seed + resumed.step)
     last_loss = run_steps(decoder, optimizer, crops, config, run_dir, run, device, resumed, batch_loss)
-    record = provenance(config, device, len(pool), last_loss, yhat_source=YHAT_SOURCE, objective=OBJECTIVE,
+    record = provenance(config, device, len(images), last_loss, yhat_source=YHAT_SOURCE, objective=OBJECTIVE,
                         phase="2 of 2: diffusion decoder on the frozen phase-1 codec's latents",
                         weights="EMA" if resumed.ema is not None else "raw")
     return release(released_network(decoder, resumed), run_dir / CORRDIFF_FILE, record, save_corrdiff, "CorrDiff")

@@ -82,3 +82,14 @@ def test_command_line_builds_the_config() -> None:
     assert (corrdiff.steps, corrdiff.bits) == (6, 3)
     with pytest.raises(ValueError, match="multiple"):
         CorrDiffTrainConfig(codec="a", data=(), run_dir="r", crop=40)
+
+
+def test_a_multiscale_per_channel_decoder_trains_on_each_quality(tiny_vbr_model_path: Path, tmp_path: Path) -> None:
+    """A variable-rate codec: one decoded pool per quality asked for, a multi-scale per-channel decoder released."""
+    config = CorrDiffTrainConfig(codec=str(tiny_vbr_model_path), data=TRAIN_IMAGES, run_dir=str(tmp_path / "run"),
+                                 steps=2, checkpoint_every=2, cache_dir=str(tmp_path / "cache"), qualities=(1, 3),
+                                 multiscale=True, coefficient_groups=3, **TINY)
+    decoder = load_corrdiff(train_corrdiff(config))
+    assert len(list((tmp_path / "cache").glob("decoded-*.pt"))) == 2
+    assert decoder.config.multiscale and decoder.config.coefficient_groups == 3
+    assert decoder.provenance["weights"] == "EMA"
