@@ -302,7 +302,7 @@ def run_evaluation(config: EvaluateConfig, command: str) -> EvaluationReport:
 
 
 def _learned_models(names: Sequence[str]) -> list[_LearnedModel]:
-    refs = [resolve_model(name) for name in names] if names else list_models()
+    refs = [resolve_model(name) for name in names or [ref.name for ref in list_models()]]  # fetches store models
     if not refs:
         log.warning("the model registry is empty: evaluating baselines only")
     return [_learned_model(ref) for ref in refs]

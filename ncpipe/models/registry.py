@@ -54,7 +54,9 @@ def registry_roots() -> list[Path]:
 
 
 def list_models(kind: str = CODEC_KIND) -> list[ModelRef]:
-    """Registry entries of one kind: codecs, or a diffusion decoder kind (``refiner``, ``corrdiff``)."""
+    """Registry entries of one kind: codecs, or a diffusion decoder kind (``refiner``, ``corrdiff``).
+
+    A store's model is listed from its card; :func:`resolve_model` fetches its checkpoint."""
     refs = {}
     for root in registry_roots():
         for card in sorted(root.glob(f"*/{CARD_NAME}")):

@@ -110,7 +110,6 @@ def fetch(name: str, card: dict[str, Any], checkpoint_name: str) -> Path:
             raise ModelStoreError(
                 f"{redact(join_url(store, name, checkpoint_name))} has SHA-256 {actual}, but its card records "
                 f"{expected}: the store's copy is damaged or was replaced; publish the model folder again")
-        (target.parent / CARD_NAME).write_text(json.dumps(card, indent=2))
         os.replace(temp, target)
     finally:
         if os.path.exists(temp):
