@@ -43,6 +43,7 @@ from ncpipe.io.urls import redact, url_to_fs
 from ncpipe.manifest import MANIFEST_SCHEMA, STATUS_OK, part_metadata, read_part
 from ncpipe.pipeline.compress import BITSTREAM_EXTENSION, _printable
 from ncpipe.pipeline.layout import ArchiveLayout, GenerationLayout
+from ncpipe.progress import Progress
 
 HEADER_CHUNK = "header"
 EXTENSIONS_CHUNK = "extensions"
@@ -515,11 +516,13 @@ def verify_archive(url: str, model: str | None = None, device: str = "cpu",
                                       "left by an unfinished or failed run, which a re-run redoes"))
     results, all_rows = [], []
     try:
-        with ThreadPoolExecutor(options.threads, thread_name_prefix="verify") as pool:
+        with (ThreadPoolExecutor(options.threads, thread_name_prefix="verify") as pool,
+              Progress(len(stems["_commits"]), unit="shards", label="verify") as progress):
             for stem in sorted(stems["_commits"]):
                 result, rows = _ShardVerifier(stem, generation, job, models, options, pool).run()
                 results.append(result)
                 all_rows += rows
+                progress.update(progress.done + 1, images=len(all_rows))
     finally:
         models.close()
     problems += [Problem("archive", f"{reason}: its bitstreams were parsed and CRC-checked, not entropy-decoded")
