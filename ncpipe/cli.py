@@ -23,7 +23,7 @@ from ncpipe.config import (
 )
 from ncpipe.errors import NcpipeError
 from ncpipe.exit_status import EXIT_INTERRUPTED, EXIT_USAGE, add_allow_errors, job_exit_status
-from ncpipe.images import DEFAULT_MAX_PIXELS, DEFAULT_RESTORE_QUALITY
+from ncpipe.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_RESTORE_QUALITY
 from ncpipe.resources import demo_shards_dir
 
 log = logging.getLogger("ncpipe")
@@ -122,6 +122,9 @@ def _add_decompress(sub) -> None:
                    "image in that format")
     p.add_argument("--jpeg-quality", type=int, default=DEFAULT_RESTORE_QUALITY, metavar="Q",
                    help=f"quality 1..100 of JPEG (and lossy WebP) restores (default: {DEFAULT_RESTORE_QUALITY})")
+    p.add_argument("--png-level", type=int, default=DEFAULT_PNG_LEVEL, metavar="L",
+                   help=f"zlib level 0..9 of PNG restores: {DEFAULT_PNG_LEVEL} (default) favours speed, 9 size; "
+                   "the pixels are the same at every level")
     p.add_argument("-m", "--model",
                    help="checkpoint or registry name to decode with (default: the one each bitstream names)")
     p.add_argument("--refiner", help="NC-Diffusion refiner checkpoint applied to the codec's reconstruction "
@@ -151,8 +154,8 @@ def _decompress(args: argparse.Namespace) -> int:
 
     config = DecompressConfig(
         inputs=tuple(args.inputs), output=args.output, model=args.model, to=args.to, image_format=args.format,
-        jpeg_quality=args.jpeg_quality, refiner=args.refiner, refine_steps=args.refiner_steps, guidance=args.guidance,
-        decoder=args.decoder, corrdiff=args.corrdiff,
+        jpeg_quality=args.jpeg_quality, png_level=args.png_level, refiner=args.refiner,
+        refine_steps=args.refiner_steps, guidance=args.guidance, decoder=args.decoder, corrdiff=args.corrdiff,
         perception=args.perception, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
         max_pixels=args.max_pixels, cluster=_cluster(args),
     )

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from ncpipe.bitstream import MAX_CORRECTION_STEPS, MAX_QUALITY
 from ncpipe.errors import NcpipeError
-from ncpipe.images import DEFAULT_MAX_PIXELS, DEFAULT_RESTORE_QUALITY
+from ncpipe.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_RESTORE_QUALITY
 
 DEFAULT_MODEL = "mbt2018-mean-vbr-small"  # the variable-rate codec: `--quality` picks the rate
 RESTORE_CHOICES = ("original", "png", "webp-lossless")  # DecompressConfig.image_format
@@ -139,6 +139,7 @@ class DecompressConfig:
     # PNG where there is none); "png" or "webp-lossless": every image in that format
     image_format: str = "original"
     jpeg_quality: int = DEFAULT_RESTORE_QUALITY  # quality of JPEG and lossy WebP restores, 1..100
+    png_level: int = DEFAULT_PNG_LEVEL  # zlib level of PNG restores, 0..9: 1 favours speed, 9 size
     refiner: str | None = None  # an NC-Diffusion refiner checkpoint applied after the codec's synthesis
     refine_steps: int = 4
     guidance: float = 0.0  # zero-shot sample-guided enhancement strength S (0: off)
@@ -159,6 +160,7 @@ class DecompressConfig:
         if self.image_format not in RESTORE_CHOICES:
             raise ConfigError(f"image_format: must be one of {', '.join(RESTORE_CHOICES)}, not {self.image_format!r}")
         _in_range(self, "jpeg_quality", 1, 100)
+        _in_range(self, "png_level", 0, 9)
         if not 0.0 <= self.guidance <= 2.0:
             raise ConfigError(f"guidance: must be in [0, 2], got {self.guidance!r}")
         self._check_corrdiff()

@@ -215,10 +215,11 @@ _JPEG_MODES = frozenset({"L", "RGB"})
 
 
 def encode_image(image: Image.Image, image_format: str, metadata: ImageMetadata = ImageMetadata(),
-                 quality: int = DEFAULT_RESTORE_QUALITY, lossless: bool = False) -> bytes:
+                 quality: int = DEFAULT_RESTORE_QUALITY, lossless: bool = False,
+                 png_level: int = DEFAULT_PNG_LEVEL) -> bytes:
     """``image`` as ``image_format`` (a value of :data:`RESTORE_FORMATS`), carrying the metadata the format holds."""
     if image_format == "PNG":
-        return encode_png(image, metadata)
+        return encode_png(image, metadata, png_level)
     extra: dict = {}
     if image_format in ("JPEG", "WEBP"):
         extra = {"lossless": True} if lossless else {"quality": quality}

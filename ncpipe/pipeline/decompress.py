@@ -18,18 +18,20 @@ says why (``not refined: ...`` / ``not corrdiff-decoded: ...``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import posixpath
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ncpipe import bitstream as fmt
 from ncpipe.codec import LatentSymbols, LearnedCodec, ModelMismatchError, to_uint8_image
@@ -37,7 +39,7 @@ from ncpipe.config import DecompressConfig
 from ncpipe.diffusion.corrdiff import CorrDiffMismatchError, corrdiff_decode, load_corrdiff, read_corrections
 from ncpipe.diffusion.guidance import GuidanceConfig
 from ncpipe.diffusion.refiner import RefinerMismatchError, decoded_batch, load_refiner
-from ncpipe.images import RESTORE_FORMATS, ImageMetadata, encode_image, restore_image
+from ncpipe.images import DEFAULT_PNG_LEVEL, RESTORE_FORMATS, ImageMetadata, encode_image, restore_image
 from ncpipe.io.storage import atomic_writer, exists, write_bytes_atomic
 from ncpipe.io.tar_reader import Sample, ShardUnreadable, TarMember, iter_samples
 from ncpipe.io.tar_writer import TarShardWriter
@@ -76,6 +78,11 @@ class RestoreFormats:
     choice: str
     quality: int
     sources: dict[str, tuple[str, str]]  # sample key -> (source member's extension, source format)
+    png_level: int = DEFAULT_PNG_LEVEL  # zlib level of PNG restores (changes the file's size, never its pixels)
+
+    def encode(self, image: Image.Image, target: tuple[str, str, bool], metadata: ImageMetadata) -> bytes:
+        """One restored image as ``target`` (what :meth:`target` gave) says."""
+        return encode_image(image, target[1], metadata, self.quality, lossless=target[2], png_level=self.png_level)
 
     def target(self, key: str) -> tuple[str, str, bool]:
         """(extension, Pillow format, lossless) of one restored image; PNG when its source is unknown."""
@@ -123,6 +130,17 @@ class _Parsed:
     @property
     def problems(self) -> tuple[str, ...]:
         return self.check.problems if self.check else ()
+
+
+@dataclass(frozen=True)
+class _EncodingBatch:
+    """A synthesised batch whose restored files are being encoded on the pool."""
+
+    items: list[_Parsed]
+    targets: list[tuple[str, str, bool]]  # RestoreFormats.target of each item
+    encoded: list[Future]  # the file's bytes, per item
+    decode_errors: list[str | None]  # why the decoder asked for was not applied, per item
+    started: float
 
 
 class CodecCache:
@@ -248,7 +266,7 @@ class ShardDecompressor:
     def _restore_samples(self, task: RestoreTask, sink, rows: list[RestoreRow],
                          expectations: ShardExpectations | None) -> None:
         formats = RestoreFormats(self.config.image_format, self.config.jpeg_quality,
-                                 source_formats(task.source_manifest_url))
+                                 source_formats(task.source_manifest_url), self.config.png_level)
         samples = read_ahead(iter_samples(task.input_url), depth=4 * self.config.batch_size)
         if expectations is not None:  # matched in archive order, before the pool
             checks = map(expectations.check, samples)
@@ -257,6 +275,7 @@ class ShardDecompressor:
         else:
             parsed = map_ordered(self._parse, samples, self.pool, window=2 * self.config.batch_size)
         batcher: ShapeBatcher[_Parsed] = ShapeBatcher(self.config.batch_size)
+        inflight: deque[_EncodingBatch] = deque()
         for item in parsed:
             if item.error is not None or item.member is None:
                 self._write_through(task, item, sink, rows)
@@ -265,9 +284,11 @@ class ShardDecompressor:
             steps = len(item.corrections.indexes) if item.corrections else 0
             key = (item.header.model_sha256, item.header.y_shape, steps)
             for batch in batcher.add(key, item):
-                self._synthesise_and_write(task, batch, sink, rows, formats)
+                self._advance(task, inflight, self._synthesise(batch, formats), sink, rows)
         for batch in batcher.flush():
-            self._synthesise_and_write(task, batch, sink, rows, formats)
+            self._advance(task, inflight, self._synthesise(batch, formats), sink, rows)
+        while inflight:
+            self._write_batch(task, inflight.popleft(), sink, rows)
         if expectations is not None:
             rows += self._unmatched_rows(task, expectations, expectations.missing_reason())
         self.on_progress(len(rows))
@@ -289,18 +310,31 @@ class ShardDecompressor:
         return _Parsed(sample, member, header, symbols, codec, seconds=time.perf_counter() - started,
                        corrections=corrections, metadata=metadata)
 
-    def _synthesise_and_write(self, task: RestoreTask, batch: list[_Parsed], sink, rows: list[RestoreRow],
-                              formats: RestoreFormats) -> None:
+    def _advance(self, task: RestoreTask, inflight: deque[_EncodingBatch], batch: _EncodingBatch, sink,
+                 rows: list[RestoreRow]) -> None:
+        """Queue a synthesised batch and write the one before it: the device synthesises a batch while the
+        previous one's images are encoded on the pool (on a CPU, a fair share of a restore's time)."""
+        inflight.append(batch)
+        while len(inflight) > 1:
+            self._write_batch(task, inflight.popleft(), sink, rows)
+
+    def _synthesise(self, batch: list[_Parsed], formats: RestoreFormats) -> _EncodingBatch:
+        """The batch's images from the decoder, handed to the pool to be encoded as restored files."""
         started = time.perf_counter()
         images, decode_errors = self._decode(batch)
         targets = [formats.target(printable_name(item.sample.key)) for item in batch]
-        encoded = list(self.pool.map(
-            lambda args: encode_image(restore_image(to_uint8_image(args[1]), args[0].header.source_mode),
-                                      args[2][1], args[0].metadata, formats.quality, lossless=args[2][2]),
-            zip(batch, images, targets),
-        ))
-        share = (time.perf_counter() - started) / len(batch)
-        for item, data, target, decode_error in zip(batch, encoded, targets, decode_errors):
+        encoded = [
+            self.pool.submit(lambda item, x_hat, target: formats.encode(
+                restore_image(to_uint8_image(x_hat), item.header.source_mode), target, item.metadata),
+                item, x_hat, target)
+            for item, x_hat, target in zip(batch, images, targets)
+        ]
+        return _EncodingBatch(batch, targets, encoded, decode_errors, started)
+
+    def _write_batch(self, task: RestoreTask, pending: _EncodingBatch, sink, rows: list[RestoreRow]) -> None:
+        encoded = [future.result() for future in pending.encoded]
+        batch, share = pending.items, (time.perf_counter() - pending.started) / len(pending.items)
+        for item, data, target, decode_error in zip(batch, encoded, pending.targets, pending.decode_errors):
             name = f"{item.sample.key}.{target[0]}"
             written, refused = sink.write_sample(item.sample, _Replacement(item.member, name, data))
             rows.append(RestoreRow(
