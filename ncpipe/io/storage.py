@@ -315,14 +315,20 @@ def remove_tree(url: str, keep: tuple[str, ...] = ()) -> None:
 
 def list_files(prefix_url: str, suffix: str = "") -> list[str]:
     """URLs of the files below ``prefix_url`` (recursively) ending with ``suffix``, sorted; temps excluded."""
+    return sorted(file_sizes(prefix_url, suffix))
+
+
+def file_sizes(prefix_url: str, suffix: str = "") -> dict[str, int]:
+    """URL -> size in bytes of the files below ``prefix_url`` ending with ``suffix``, from one listing (not
+    a request per file: a job's summary of thousands of shards on object storage); temps excluded."""
     fs, path = url_to_fs(prefix_url)
     fs.invalidate_cache(path)
     try:
-        found = retrying(lambda: fs.find(path), "list", prefix_url)
+        found = retrying(lambda: fs.find(path, detail=True), "list", prefix_url)
     except FileNotFoundError:
-        return []
-    keep = [p for p in found if p.endswith(suffix) and not _PARTIAL.match(os.path.basename(p))]
-    return sorted(url_for(fs, p, prefix_url) for p in keep)
+        return {}
+    return {url_for(fs, p, prefix_url): int(info.get("size") or 0) for p, info in found.items()
+            if p.endswith(suffix) and not _PARTIAL.match(os.path.basename(p))}
 
 
 def remove_partials(dir_url: str, job_id: str | None = None) -> int:

@@ -21,23 +21,22 @@ import pyarrow.compute as pc
 
 from ncpipe import __version__
 from ncpipe.config import ClusterConfig, CompressConfig, ConfigError, DecompressConfig, RecompressConfig
+from ncpipe.io.image_shards import InputShard, input_shards, with_grouping
 from ncpipe.io.storage import (
     exists,
-    list_files,
+    file_sizes,
     read_bytes,
     remove_partials,
     remove_tree,
     size_of,
     write_bytes_atomic,
 )
-from ncpipe.io.image_shards import InputShard, input_shards, with_grouping
 from ncpipe.io.urls import check_output_outside_inputs, expand_inputs, redact, shard_stem
 from ncpipe.manifest import RESTORE_SCHEMA, STATUS_ERROR, STATUS_OK, read_manifest
 from ncpipe.models.checkpoint import model_digest, read_checkpoint
 from ncpipe.models.registry import describe_sha256, find_by_sha256, load_model, resolve_model
 from ncpipe.pipeline.committed import ArchiveShard, archive_shards
 from ncpipe.pipeline.distributor import PoolOutcome, ProgressLog, connect, plan_workers, run_on_actors
-from ncpipe.pipeline.writer_lock import lock_output, releases_locks
 from ncpipe.pipeline.layout import (
     FIRST_GENERATION,
     ArchiveLayout,
@@ -47,6 +46,7 @@ from ncpipe.pipeline.layout import (
     manifest_part_of,
     output_stems,
 )
+from ncpipe.pipeline.writer_lock import lock_output, releases_locks
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def summarise_compress(
         image_bytes=_sum(ok["source_bytes"]),
         bitstream_bytes=_sum(ok["compressed_bytes"]),
         input_shard_bytes=sum(size_of(url) for shard in inputs for url in shard.files or (shard.url,)),
-        output_shard_bytes=sum(size_of(url) for url in list_files(generation.shards_dir, suffix=".tar")),
+        output_shard_bytes=sum(file_sizes(generation.shards_dir, suffix=".tar").values()),
         mean_bpp=pooled_bpp(ok),
         mean_psnr=_mean(ok["psnr"]),
         mean_ms_ssim=_mean(ok["ms_ssim"]),
