@@ -1,9 +1,10 @@
 """Peak memory of decoding one image, per megapixel, with g_s in tiles and in one piece.
 
-Each (size, mode) runs in a fresh process: it builds a bitstream of all-zero latents of that size
-(the most a bitstream of that size can make the decoder hold: the synthesis runs on every
-position whatever the symbols), decodes a 64x64 image to warm up, then records how far the
-process's peak RSS rises while ``LearnedCodec.decode`` runs on the big one.
+A bitstream of all-zero latents of each size is built first (the synthesis runs on every position
+whatever the symbols, so any bitstream of that size costs the same); each (size, mode) is then
+decoded in a fresh process, which decodes a 64x64 image to warm up and records how far its peak
+RSS rises while ``LearnedCodec.decode`` runs on the big one (building the bitstream there would
+raise the peak before the measurement starts).
 
     python benchmarks/decoder_memory.py                       # default model, 1, 4 and 16 MP
     python benchmarks/decoder_memory.py --sizes 1024,2048 --model mbt2018-mean-vbr-small
@@ -17,7 +18,9 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,13 +45,14 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_one(model: str, side: int, tiled: bool) -> dict:
-    """In this process: the peak RSS growth of decoding one ``side``² image."""
+def measure_one(model: str, bitstream: str, tiled: bool) -> dict:
+    """In this process: the peak RSS growth of decoding the bitstream in file ``bitstream``."""
     torch.set_num_threads(1)
     if not tiled:  # one tile as large as any image: g_s in one piece, as before tiling
         tiling.LATENT_TILE = 1 << 16
     codec = LearnedCodec(load_model(model), coder_threads=1)
-    data = zero_bitstream(codec, side)
+    data = Path(bitstream).read_bytes()
+    side = codec.decode_symbols(data)[0].width
     codec.decode(zero_bitstream(codec, 64))
     before = peak_mb()
     started = time.perf_counter()
@@ -65,15 +69,19 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--sizes", default="1024,2048,4096", help="image sides in pixels, comma-separated")
     parser.add_argument("--modes", default="untiled,tiled")
-    parser.add_argument("--one", nargs=2, metavar=("SIDE", "MODE"), help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--one", nargs=2, metavar=("BITSTREAM", "MODE"), help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure_one(args.model, int(args.one[0]), args.one[1] == "tiled")))
+        print(json.dumps(measure_one(args.model, args.one[0], args.one[1] == "tiled")))
         return
     rows = []
+    codec = LearnedCodec(load_model(args.model), coder_threads=1)
+    workdir = Path(tempfile.mkdtemp(prefix="decoder-memory-"))
     for side in (int(s) for s in args.sizes.split(",")):
+        bitstream = workdir / f"zero-{side}.ncb"
+        bitstream.write_bytes(zero_bitstream(codec, side))
         for mode in args.modes.split(","):
-            child = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", str(side), mode],
+            child = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", str(bitstream), mode],
                                    capture_output=True, text=True, check=True)
             rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
             print(f"{side}x{side} {mode:8s} peak +{rows[-1]['peak_growth_mb']:8.1f} MB "
