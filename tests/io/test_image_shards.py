@@ -46,3 +46,15 @@ def test_the_grouping_of_image_files_is_part_of_the_fingerprint():
     grouped = with_grouping("f" * 16, photos)
     assert grouped != "f" * 16 and len(grouped) == 16
     assert with_grouping("f" * 16, [InputShard("/p/images-000000", ("/p/0.jpg", "/p/a.jpg"))]) != grouped
+
+
+def test_a_prefix_of_images_on_s3_reads_as_one_shard(s3_bucket):
+    from ncpipe.io.urls import expand_inputs
+
+    for name in ("p/b.jpg", "p/a.png", "p/notes.txt"):
+        put_bytes(f"{s3_bucket}/{name}", name.encode())
+    (shard,) = input_shards(expand_inputs([f"{s3_bucket}/p"]))
+    assert shard == InputShard(f"{s3_bucket}/p/images-000000", (f"{s3_bucket}/p/a.png", f"{s3_bucket}/p/b.jpg"))
+    samples = list(iter_shard_samples(shard.url, shard.files))
+    assert [(s.key, s.members[0].name, s.members[0].data) for s in samples] == [
+        ("a", "a.png", b"p/a.png"), ("b", "b.jpg", b"p/b.jpg")]
