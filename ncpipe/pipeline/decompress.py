@@ -99,9 +99,12 @@ def source_formats(manifest_url: str | None) -> dict[str, tuple[str, str]]:
     if manifest_url is None or not exists(manifest_url):
         return {}
     table = read_part(manifest_url)
+    columns = ["key", "member", "source_format", "status"]
+    if not set(columns) <= set(table.column_names):  # not a compress manifest: formats unknown, PNG
+        return {}
     return {
         row["key"]: (row["member"].rsplit("/", 1)[-1].partition(".")[2], row["source_format"])
-        for row in table.select(["key", "member", "source_format", "status"]).to_pylist()
+        for row in table.select(columns).to_pylist()
         if row["status"] == STATUS_OK and row["member"] and row["source_format"]
     }
 
