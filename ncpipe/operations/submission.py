@@ -10,8 +10,8 @@
 So the uploaded ``ncpipe/`` (not whatever the image has installed) runs the job, relative
 paths in the spec resolve inside the copy, and registry models resolve from the copy's
 ``models/``, or from the model store (``$NCPIPE_MODEL_STORE``, passed on to the job): the
-models the store holds identically are left out of the upload. Files bigger than the working dir allows (Ray: one gRPC message, 512 MiB)
-belong in object storage, named by URL in the spec.
+models the store holds identically are left out of the upload. Files bigger than the working
+dir allows (Ray: one gRPC message, 512 MiB) belong in object storage, named by URL in the spec.
 """
 
 from __future__ import annotations
