@@ -273,7 +273,11 @@ def _add_models(sub) -> None:
 def _models(args: argparse.Namespace) -> int:
     from ncpipe.models.registry import DECODER_FILES, list_models
 
-    for ref in list_models():
+    codecs = list_models()
+    if not codecs:
+        log.warning("no models found: add folders holding <name>/card.json to NCPIPE_MODEL_DIRS, or name a model "
+                    "store with NCPIPE_MODEL_STORE")
+    for ref in codecs:
         card = ref.card or {}
         print(f"{ref.name:32s} {card.get('arch', '?'):16s} {_rate_text(card):26s} {_measured_text(card):42s} "
               f"sha256 {ref.expected_sha256[:12]}")

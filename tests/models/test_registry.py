@@ -235,3 +235,13 @@ def test_the_default_model_is_the_shipped_variable_rate_codec(monkeypatch):
     for low, high in zip(measured, measured[1:]):
         assert low["bpp"] < high["bpp"] and low["psnr"] < high["psnr"]
     assert kodak["default_quality"] == ref.card["quality"]["default"]
+
+def test_an_empty_registry_says_where_models_come_from(monkeypatch, caplog, capsys):
+    from ncpipe.models import registry
+
+    monkeypatch.delenv("NCPIPE_MODEL_DIRS", raising=False)
+    monkeypatch.delenv("NCPIPE_MODEL_STORE", raising=False)
+    monkeypatch.setattr(registry, "shipped_models_dir", lambda: None)
+    assert main(["models"]) == 0
+    assert capsys.readouterr().out == ""
+    assert "no models found" in caplog.text and "NCPIPE_MODEL_DIRS" in caplog.text and "NCPIPE_MODEL_STORE" in caplog.text
