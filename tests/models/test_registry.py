@@ -244,4 +244,5 @@ def test_an_empty_registry_says_where_models_come_from(monkeypatch, caplog, caps
     monkeypatch.setattr(registry, "shipped_models_dir", lambda: None)
     assert main(["models"]) == 0
     assert capsys.readouterr().out == ""
-    assert "no models found" in caplog.text and "NCPIPE_MODEL_DIRS" in caplog.text and "NCPIPE_MODEL_STORE" in caplog.text
+    assert "no models found" in caplog.text
+    assert "NCPIPE_MODEL_DIRS" in caplog.text and "NCPIPE_MODEL_STORE" in caplog.text
