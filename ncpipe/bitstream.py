@@ -258,6 +258,7 @@ def pack(bitstream: Bitstream) -> bytes:
             if extension.kind not in EXTENSION_KINDS or len(extension.payload) > _extension_limit(extension.kind):
                 raise BitstreamError(
                     f"extension kind {extension.kind} ({len(extension.payload)} bytes) cannot be written")
+            _checked_payload(extension)  # a writer never emits what a reader refuses
             head = _EXTENSION_HEADER.pack(extension.kind, len(extension.payload))
             parts += [head, extension.payload, _CRC.pack(zlib.crc32(head + extension.payload))]
     return b"".join(parts)
@@ -320,19 +321,64 @@ def parse_header(data: bytes | memoryview, max_pixels: int | None = DEFAULT_MAX_
     return header
 
 
-def parse(data: bytes | memoryview, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Bitstream:
-    """Validate every field and CRC; raise :class:`BitstreamError` naming the first failure."""
+EXTENSIONS_PART = "extensions"  # how walk() names damage in the extension block
+TRAILER_PART = "trailer"  # ... and bytes after the last chunk or extension
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One damaged part of a bitstream, as :func:`walk` finds it."""
+
+    part: str  # a chunk's name ("chunk 2 (latent y channels 8-15)"), EXTENSIONS_PART or TRAILER_PART
+    message: str  # what parse() raises when this is the first damage
+
+
+@dataclass(frozen=True)
+class Walk:
+    """A bitstream read part by part: every chunk that could be framed, its payload None when its
+    CRC32 fails; the extensions when they are intact; every damaged part."""
+
+    header: BitstreamHeader
+    chunks: tuple[tuple[str, bytes | None], ...]  # (name, payload): z, then the y chunks
+    extensions: tuple[Extension, ...]
+    damage: tuple[Damage, ...]
+
+
+def walk(data: bytes | memoryview, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Walk:
+    """Read a bitstream as :func:`parse` does, but on past a chunk whose CRC32 fails, so that a checker
+    can name every damaged part; a bad header still raises :class:`BitstreamError`."""
     data = memoryview(data)
     header = parse_header(data, max_pixels)
     offset = header.size
-    streams = []
+    chunks: list[tuple[str, bytes | None]] = []
+    damage: list[Damage] = []
     for index in range(1 + header.num_y_chunks):
-        stream, offset = _read_chunk(data, offset, _chunk_name(header, index))
-        streams.append(stream)
-    extensions, offset = _read_extensions(data, offset, header.version) if header.version >= 2 else ((), offset)
+        name = _chunk_name(header, index)
+        try:
+            payload, offset = _read_chunk(data, offset, name)
+        except BitstreamError as err:  # truncated: nothing after it can be framed
+            return Walk(header, tuple(chunks), (), (*damage, Damage(name, str(err))))
+        if payload is None:
+            damage.append(Damage(name, f"CRC32 mismatch in {name}: the payload is damaged"))
+        chunks.append((name, payload))
+    extensions: tuple[Extension, ...] = ()
+    if header.version >= 2:
+        try:
+            extensions, offset = _read_extensions(data, offset, header.version)
+        except BitstreamError as err:
+            return Walk(header, tuple(chunks), (), (*damage, Damage(EXTENSIONS_PART, str(err))))
     if offset != len(data):
-        raise BitstreamError(f"{len(data) - offset} unexpected bytes after the last chunk")
-    return Bitstream(header, streams[0], tuple(streams[1:]), extensions)
+        damage.append(Damage(TRAILER_PART, f"{len(data) - offset} unexpected bytes after the last chunk"))
+    return Walk(header, tuple(chunks), extensions, tuple(damage))
+
+
+def parse(data: bytes | memoryview, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Bitstream:
+    """Validate every field and CRC; raise :class:`BitstreamError` naming the first failure."""
+    walked = walk(data, max_pixels)
+    if walked.damage:
+        raise BitstreamError(walked.damage[0].message)
+    streams = tuple(payload for _, payload in walked.chunks)
+    return Bitstream(walked.header, streams[0], streams[1:], walked.extensions)
 
 
 def _read_extensions(data: memoryview, offset: int, version: int) -> tuple[tuple[Extension, ...], int]:
@@ -359,11 +405,19 @@ def _read_extensions(data: memoryview, offset: int, version: int) -> tuple[tuple
         (crc,) = _CRC.unpack(data[end + length : end + length + _CRC.size])
         if zlib.crc32(bytes(data[offset:end]) + payload) != crc:
             raise BitstreamError(f"CRC32 mismatch in extension {index} ({EXTENSION_KINDS[kind]})")
-        extensions.append(Extension(kind, payload))
+        extensions.append(_checked_payload(Extension(kind, payload)))
         offset = end + length + _CRC.size
     if len({e.kind for e in extensions}) != len(extensions):
         raise BitstreamError("an extension kind appears twice")
     return tuple(extensions), offset
+
+
+def _checked_payload(extension: Extension) -> Extension:
+    """A known kind's payload must read as its decoder reads it: a CorrDiff extension whose
+    coefficients cannot be unpacked is refused here, not first by ``--decoder corrdiff``."""
+    if extension.kind == EXTENSION_CORRDIFF:
+        CorrectionCoefficients.from_extension(extension)
+    return extension
 
 
 def _chunk_name(header: BitstreamHeader, index: int) -> str:
@@ -373,7 +427,8 @@ def _chunk_name(header: BitstreamHeader, index: int) -> str:
     return f"chunk {index} (latent y channels {start}-{stop - 1})"
 
 
-def _read_chunk(data: memoryview, offset: int, name: str) -> tuple[bytes, int]:
+def _read_chunk(data: memoryview, offset: int, name: str) -> tuple[bytes | None, int]:
+    """A chunk's payload (None when its CRC32 fails) and the offset after it; raises when truncated."""
     if offset + _CHUNK_LENGTH.size > len(data):
         raise BitstreamError(f"truncated: {name} is missing")
     (length,) = _CHUNK_LENGTH.unpack(data[offset : offset + _CHUNK_LENGTH.size])
@@ -383,9 +438,7 @@ def _read_chunk(data: memoryview, offset: int, name: str) -> tuple[bytes, int]:
         raise BitstreamError(f"truncated: {name} declares {length} bytes, {max(len(data) - start, 0)} remain")
     payload = bytes(data[start:end])
     (crc,) = _CRC.unpack(data[end : end + _CRC.size])
-    if zlib.crc32(payload) != crc:
-        raise BitstreamError(f"CRC32 mismatch in {name}: the payload is damaged")
-    return payload, end + _CRC.size
+    return (payload if zlib.crc32(payload) == crc else None), end + _CRC.size
 
 
 def _validate_header(header: BitstreamHeader, max_pixels: int | None) -> None:

@@ -9,6 +9,7 @@ configuration and ncpipe version as Parquet key-value metadata.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass, field, fields
@@ -69,6 +70,9 @@ class ManifestRow:
     passthrough: bool = field(default=False, metadata=_doc("the original members were stored unchanged"))
     carried_members: list[str] = field(
         default_factory=list, metadata=_doc("members written to the output shard byte for byte"))
+    carried_sha256: list[str] | None = field(default=None, metadata=_arrow(
+        pa.list_(pa.string()), "SHA-256 (hex) of each carried member, in carried_members' order; "
+        "null in manifests written before digests were recorded"))
     output_shard: str | None = field(default=None, metadata=_doc("the bitstream shard holding the sample"))
     generation: str | None = field(default=None, metadata=_doc("the archive generation this row belongs to"))
     # Lineage, set when recompression re-encoded the sample:
@@ -141,6 +145,25 @@ def describe_schema(schema: pa.Schema) -> str:
 
 MANIFEST_SCHEMA = arrow_schema(ManifestRow)
 RESTORE_SCHEMA = arrow_schema(RestoreRow)
+
+
+def printable_name(name: str) -> str:
+    """A member name as the manifest stores it: undecodable bytes (kept via surrogateescape) as
+    ``\\xNN``, since Parquet strings are UTF-8."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def member_sha256(data: bytes) -> str:
+    """The digest the manifest records for a carried member (``carried_sha256``)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def carried_accounting(per_row: Iterable[list[str] | None]) -> dict[str, Any]:
+    """What a commit marker records of a part's carried members, from each row's ``carried_sha256``:
+    how many digests, and one SHA-256 over them in row order, so that a digest edited in the
+    manifest no longer matches its marker."""
+    digests = [digest for row_digests in per_row for digest in (row_digests or ())]
+    return {"carried_members": len(digests), "carried_sha256": hashlib.sha256("".join(digests).encode()).hexdigest()}
 
 
 def rows_to_table(rows: Iterable[Any], schema: pa.Schema, metadata: dict[str, Any] | None = None) -> pa.Table:

@@ -53,6 +53,14 @@ class Sample:
     source_url: str
     index: int
     error: str | None = None
+    cut: str | None = None  # the archive broke right after this sample's last member (also in ``error``)
+
+    @property
+    def members_intact(self) -> bool:
+        """Every member was read whole and nothing else is wrong; when the archive broke right after
+        them (``cut``), members that followed are lost, which only a list of the sample's members
+        (a manifest) can rule out."""
+        return self.error is None or self.error == self.cut
 
 
 class ShardUnreadable(NcpipeError):
@@ -219,8 +227,11 @@ class _SampleBuilder:
         self.key = key
         self.members: list[TarMember] = []
         self.errors = [f"duplicate key {_shown(key)} (it appeared earlier in the shard)"] if duplicate else []
+        self.cut: str | None = None
 
     def add(self, entry: _Entry) -> None:
+        if entry.fatal and entry.name is None and self.members:
+            self.cut = entry.error  # the archive broke between members, after this sample's last one
         if entry.data is not None:
             if any(member.name == entry.name for member in self.members):
                 self.errors.append(f"member {_shown(entry.name)} appears twice in the sample")
@@ -229,7 +240,7 @@ class _SampleBuilder:
             self.errors.append(entry.error)
 
     def build(self, url: str, index: int) -> Sample:
-        return Sample(self.key, tuple(self.members), url, index, "; ".join(self.errors) or None)
+        return Sample(self.key, tuple(self.members), url, index, "; ".join(self.errors) or None, self.cut)
 
 
 def _group(entries: Iterator[_Entry], url: str) -> Iterator[Sample]:

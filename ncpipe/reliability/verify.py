@@ -19,10 +19,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import struct
 import threading
 import time
-import zlib
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -40,14 +38,22 @@ from ncpipe.images import DEFAULT_MAX_PIXELS
 from ncpipe.io.storage import exists, read_bytes
 from ncpipe.io.tar_reader import ShardUnreadable, iter_samples
 from ncpipe.io.urls import redact, url_to_fs
-from ncpipe.manifest import MANIFEST_SCHEMA, STATUS_OK, part_metadata, read_part
-from ncpipe.pipeline.compress import BITSTREAM_EXTENSION, _printable
+from ncpipe.manifest import (
+    MANIFEST_SCHEMA,
+    STATUS_OK,
+    carried_accounting,
+    conform,
+    member_sha256,
+    part_metadata,
+    printable_name,
+    read_part,
+)
+from ncpipe.pipeline.compress import BITSTREAM_EXTENSION
 from ncpipe.pipeline.layout import ArchiveLayout, GenerationLayout
 from ncpipe.progress import Progress
 
 HEADER_CHUNK = "header"
-EXTENSIONS_CHUNK = "extensions"
-_U32 = struct.Struct("<I")
+EXTENSIONS_CHUNK = fmt.EXTENSIONS_PART
 _IN_FLIGHT_PER_THREAD = 4  # bitstreams queued per checking thread: bounds memory on big shards
 _TRUNCATED_TAR = "truncated or corrupt tar"  # how ncpipe.io.tar_reader reports a broken archive
 
@@ -76,6 +82,8 @@ class ShardResult:
     rows: int = 0
     bitstreams: int = 0  # .ncb members checked
     bitstreams_ok: int = 0
+    digests_checked: int = 0  # carried members compared with their manifest SHA-256
+    undigested: int = 0  # carried members of rows written before digests were recorded
     problems: list[Problem] = field(default_factory=list)
 
 
@@ -91,6 +99,8 @@ class VerifyReport:
     bitstreams_ok: int
     problems: tuple[Problem, ...]
     seconds: float
+    digests_checked: int = 0
+    undigested: int = 0
 
     @property
     def ok(self) -> bool:
@@ -103,6 +113,8 @@ class VerifyReport:
             f"model       {self.model_sha256 or '?'}",
             f"shards      {self.shards}, manifest rows {self.rows}",
             f"bitstreams  {self.bitstreams_ok}/{self.bitstreams} pass ({checks})",
+            f"members     {self.digests_checked} carried members checked against their SHA-256"
+            + (f" ({self.undigested} in rows without digests, not checked)" if self.undigested else ""),
             f"time        {self.seconds:.1f}s",
             f"result      {'OK' if self.ok else f'{len(self.problems)} problem(s)'}",
         ]
@@ -131,62 +143,17 @@ class BitstreamCheck:
     damage: tuple[tuple[str, str], ...]  # (chunk name, what is wrong)
 
 
-Frames = list[tuple[str, bytes | None]]  # (chunk name, payload; None: damaged)
-Damage = list[tuple[str, str]]  # (chunk name, what is wrong)
-
-
-def _chunk_frames(data: bytes, header: fmt.BitstreamHeader) -> tuple[Frames, Damage]:
-    """Walk ``u32 length · payload · u32 CRC32`` frames (docs/bitstream.md), past damaged ones,
-    then a version-2 bitstream's extensions.
-
-    ``fmt.parse`` stops at the first failure; this reports every chunk whose CRC fails, so a
-    report can say exactly which parts of an image are lost. Payload None: the chunk is damaged."""
-    frames: Frames = []
-    damage: Damage = []
-    offset = header.size
-    for index in range(1 + header.num_y_chunks):
-        name = fmt._chunk_name(header, index)
-        if offset + _U32.size > len(data):
-            damage.append((name, "truncated: the chunk is missing"))
-            return frames, damage
-        (length,) = _U32.unpack_from(data, offset)
-        start, end = offset + _U32.size, offset + _U32.size + length
-        if end + _U32.size > len(data):
-            damage.append((name, f"truncated: declares {length} bytes, {max(len(data) - start, 0)} remain"))
-            return frames, damage
-        payload = data[start:end]
-        if zlib.crc32(payload) != _U32.unpack_from(data, end)[0]:
-            damage.append((name, "CRC32 mismatch: the payload is damaged"))
-            frames.append((name, None))
-        else:
-            frames.append((name, payload))
-        offset = end + _U32.size
-    if header.version >= 2:  # extensions (decoder side information), each with its own CRC32
-        try:
-            _, offset = fmt._read_extensions(memoryview(data), offset, header.version)
-        except fmt.BitstreamError as err:
-            damage.append((EXTENSIONS_CHUNK, str(err)))
-            return frames, damage
-    if offset != len(data):
-        damage.append(("trailer", f"{len(data) - offset} unexpected bytes after the last chunk"))
-    return frames, damage
-
-
 def check_bitstream(data: bytes, codec: LearnedCodec | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> BitstreamCheck:
     """Header, every chunk's CRC32, and (with a codec) the rANS decode of every chunk.
 
     A chunk that fails its CRC is not decoded; y chunks are decoded only when z decodes (their
     tables come from z through the exact h_s). Never raises for bad bytes."""
     try:
-        header = fmt.parse_header(data, max_pixels)
+        walked = fmt.walk(data, max_pixels)  # the parser's own reading, on past damaged chunks
     except fmt.BitstreamError as err:
         return BitstreamCheck(None, None, ((HEADER_CHUNK, str(err)),))
-    frames, damage = _chunk_frames(data, header)
-    if not damage:
-        try:
-            fmt.parse(data, max_pixels)  # the reference parser must agree that the container is intact
-        except fmt.BitstreamError as err:
-            damage.append(("container", str(err)))
+    header, frames = walked.header, list(walked.chunks)
+    damage = [(part.part, part.message) for part in walked.damage]
     if codec is None or len(frames) != 1 + header.num_y_chunks:
         return BitstreamCheck(header, None, tuple(damage))
     try:
@@ -322,7 +289,7 @@ class _ShardVerifier:
     def _manifest_rows(self) -> list[dict[str, Any]]:
         try:
             table = read_part(self.generation.manifest_part(self.stem))
-            rows = table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA).to_pylist()
+            rows = conform(table, MANIFEST_SCHEMA).to_pylist()  # a column added since the part reads as null
         except (OSError, ValueError, KeyError, pa.ArrowException) as err:
             self.problem(f"manifest part unreadable: {redact(str(err))}")
             return []
@@ -344,6 +311,10 @@ class _ShardVerifier:
         for name, value in expected.items():
             if marker.get(name) != value:
                 self.problem(f"commit marker says {name}={marker.get(name)!r}, manifest/job say {value!r}")
+        if "carried_sha256" in marker:  # markers written before digests have no such accounting
+            for name, value in carried_accounting(row["carried_sha256"] for row in rows).items():
+                if marker.get(name) != value:
+                    self.problem(f"commit marker says {name}={marker.get(name)!r}, manifest digests give {value!r}")
         sources = {row["source_url"] for row in rows}
         if self.job.get("kind") == "compress" and rows and sources != {marker.get("input_url")}:
             self.problem(f"manifest rows name source(s) {sorted(sources)}, commit marker {marker.get('input_url')!r}")
@@ -379,15 +350,33 @@ class _ShardVerifier:
                 key_of.setdefault(name, row["key"])
         return expected, key_of, coded
 
+    def _expected_digests(self, rows: list[dict[str, Any]]) -> Counter:
+        """(member name, SHA-256) pairs the manifest records for carried members."""
+        digests: Counter = Counter()
+        for row in rows:
+            names, recorded = row["carried_members"] or [], row["carried_sha256"]
+            if recorded is None:
+                self.result.undigested += len(names)
+            elif len(recorded) != len(names):
+                self.problem(f"row lists {len(names)} carried members but {len(recorded)} digests", key=row["key"])
+            else:
+                digests.update(zip(names, recorded))
+        return digests
+
     def _check_members(self, rows: list[dict[str, Any]]) -> None:
         expected, key_of, coded = self._expected_members(rows)
+        digests = self._expected_digests(rows)
+        digested_names = {name for name, _ in digests}
         actual: Counter = Counter()
+        found_digests: Counter = Counter()
         checked: set[str] = set()
         window: deque[tuple[dict[str, Any], bytes, Future]] = deque()
         limit = _IN_FLIGHT_PER_THREAD * self.options.threads
         try:
             for name, data in self._tar_members():
                 actual[name] += 1
+                if name in digested_names:
+                    found_digests[(name, member_sha256(data))] += 1
                 row = coded.get(name)
                 if row is not None and name not in checked:
                     checked.add(name)
@@ -403,13 +392,17 @@ class _ShardVerifier:
         for name, count in (actual - expected).items():
             self.problem(f"member {name} is in the shard but not in the manifest"
                          + (f" ({count} extra copies)" if count > 1 else ""), key=_key_of_member(name))
+        self.result.digests_checked += sum(found_digests.values())
+        for name, _ in found_digests - digests:
+            self.problem(f"member {name}: its SHA-256 is not the manifest's (changed since it was written)",
+                         key=key_of[name])
 
     def _tar_members(self) -> Iterator[tuple[str, bytes]]:
         url = self.generation.shard(self.stem)
         try:
             for sample in iter_samples(url):
                 for member in sample.members:
-                    yield _printable(member.name), member.data
+                    yield printable_name(member.name), member.data
                 if sample.error and _TRUNCATED_TAR in sample.error:
                     self.problem(f"output shard is damaged: {sample.error}")
         except (ShardUnreadable, OSError) as err:
@@ -535,6 +528,7 @@ def verify_archive(url: str, model: str | None = None, device: str = "cpu",
         shards=len(everything), rows=len(all_rows),
         bitstreams=sum(r.bitstreams for r in results), bitstreams_ok=sum(r.bitstreams_ok for r in results),
         problems=tuple(problems), seconds=time.perf_counter() - started,
+        digests_checked=sum(r.digests_checked for r in results), undigested=sum(r.undigested for r in results),
     )
 
 

@@ -170,7 +170,7 @@ def test_a_quality_makes_a_version_3_bitstream_that_round_trips():
 
 
 def test_version_3_carries_extensions_too():
-    extension = fmt.Extension(fmt.EXTENSION_CORRDIFF, b"x" * 40)
+    extension = _corrections().to_extension()
     header = _header(quality=2)
     y = tuple(b"y" for _ in range(header.num_y_chunks))
     parsed = fmt.parse(fmt.pack(fmt.Bitstream(header, b"z", y, (extension,))))

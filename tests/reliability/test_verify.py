@@ -225,3 +225,22 @@ def test_json_report_and_not_an_archive(archive, tiny_model_path, tmp_path, caps
     assert json.loads(capsys.readouterr().out)["ok"] is True
     assert main(["verify", str(tmp_path)]) == 2
     assert "not an ncpipe archive" in caplog.text
+
+
+def test_a_malformed_corrdiff_extension_is_refused_as_decoding_refuses_it(archive, tiny_model_path):
+    from ncpipe.diffusion.corrdiff import read_corrections
+
+    codec = LearnedCodec(load_codec_model(tiny_model_path), CHUNK_CHANNELS, 1)
+    parsed = fmt.parse(_ncb(archive, "d-0", "s0/img1")[2])
+    coefficients = fmt.CorrectionCoefficients.quantize("ab" * 32, seed=7, bits=4, values=[0.1, 0.5, 0.9])
+    data = bytearray(fmt.pack(fmt.Bitstream(parsed.header, parsed.z_stream, parsed.y_streams,
+                                            (coefficients.to_extension(),))))
+    payload_end = len(data) - 4  # the extension's CRC32 follows its payload
+    head = payload_end - 2 - 38 - 5  # kind, length; then 38 bytes of CorrDiff header, 2 of coefficients
+    data[head + 5 + 36] = 0  # steps K = 0: no coefficient to read; the CRC32 recomputed so only that is wrong
+    data[payload_end:] = struct.pack("<I", zlib.crc32(bytes(data[head:payload_end])))
+    with pytest.raises(fmt.BitstreamError, match="declares 0 steps"):
+        read_corrections(bytes(data))  # what --decoder corrdiff does with it
+    (problem,) = check_bitstream(bytes(data), codec).damage
+    assert problem[0] == EXTENSIONS_CHUNK and "declares 0 steps" in problem[1]
+    codec.close()
