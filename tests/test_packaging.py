@@ -1,6 +1,7 @@
 """The wheel is usable outside the checkout: it carries every ncpipe package, the default model and the
 demo's sample shards (mapped from models/ and samples/, one copy in the tree)."""
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -33,9 +34,21 @@ def test_the_default_model_is_package_data():
     assert (REPO_ROOT / SETUPTOOLS["package-dir"]["ncpipe.shipped.models"] / DEFAULT_MODEL / "card.json").is_file()
 
 
+def _source_tree(root):
+    """What the wheel is built from, copied (the build writes build/ beside pyproject.toml)."""
+    root.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, root / name)
+    ignore = shutil.ignore_patterns("__pycache__")
+    for folder in ("ncpipe", f"models/{DEFAULT_MODEL}", "samples/shards"):
+        shutil.copytree(REPO_ROOT / folder, root / folder, ignore=ignore)
+    return root
+
+
 @pytest.mark.slow
 def test_the_wheel_runs_outside_the_checkout(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO_ROOT), "--no-deps", "--no-build-isolation",
+    source = _source_tree(tmp_path / "src")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
                     "-q", "-w", str(tmp_path / "dist")], check=True, capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("ncpipe-*.whl")
     site = tmp_path / "site"
