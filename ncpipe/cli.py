@@ -65,8 +65,10 @@ def _add_compress(sub) -> None:
         "atomically. Re-running skips committed shards.",
     )
     p.add_argument("inputs", nargs="+", help="shard URLs, brace patterns (data-{000..009}.tar), globs or "
-                   "directories; local paths, file:// or s3:// (AWS env/config for credentials and endpoint)")
-    p.add_argument("-o", "--output", required=True, help="archive location (local path or URL)")
+                   "directories; or image files (a folder of images, photos/*.jpg, one.jpg: shards of up to 1000 "
+                   "images per folder are made on the fly); local paths, file:// or s3:// (AWS env/config for "
+                   "credentials and endpoint)")
+    p.add_argument("-o", "--output", required=True, help="archive location (local path or URL), outside the inputs")
     p.add_argument("-m", "--model", default=DEFAULT_MODEL,
                    help=f"registry name or checkpoint path (default: {DEFAULT_MODEL})")
     p.add_argument("--quality", type=int, metavar="Q", help=QUALITY_HELP)
