@@ -93,3 +93,9 @@ def test_importing_the_api_imports_no_torch():
     code = "import sys, ncpipe, ncpipe.api; print(','.join(m for m in ('torch', 'ray') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_manifest_schema_lists_units_without_an_archive(capsys):
+    assert main(["manifest", "--schema"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "[bytes]" in lines["compressed_bytes"] and "[dB]" in lines["psnr"] and "lambda" in lines["rd_lambda"]
