@@ -281,6 +281,7 @@ class ShardDecompressor:
         inflight: deque[_EncodingBatch] = deque()
         for item in parsed:
             if item.error is not None or item.member is None:
+                self._write_pending(task, inflight, sink, rows)  # after the batches before it, as without overlap
                 self._write_through(task, item, sink, rows)
                 continue
             # one CorrDiff batch samples with one step count K
@@ -290,8 +291,7 @@ class ShardDecompressor:
                 self._advance(task, inflight, self._synthesise(batch, formats), sink, rows)
         for batch in batcher.flush():
             self._advance(task, inflight, self._synthesise(batch, formats), sink, rows)
-        while inflight:
-            self._write_batch(task, inflight.popleft(), sink, rows)
+        self._write_pending(task, inflight, sink, rows)
         if expectations is not None:
             rows += self._unmatched_rows(task, expectations, expectations.missing_reason())
         self.on_progress(len(rows))
@@ -318,7 +318,12 @@ class ShardDecompressor:
         """Queue a synthesised batch and write the one before it: the device synthesises a batch while the
         previous one's images are encoded on the pool (on a CPU, a fair share of a restore's time)."""
         inflight.append(batch)
-        while len(inflight) > 1:
+        self._write_pending(task, inflight, sink, rows, keep=1)
+
+    def _write_pending(self, task: RestoreTask, inflight: deque[_EncodingBatch], sink, rows: list[RestoreRow],
+                       keep: int = 0) -> None:
+        """Write the oldest synthesised batches until ``keep`` remain in flight."""
+        while len(inflight) > keep:
             self._write_batch(task, inflight.popleft(), sink, rows)
 
     def _synthesise(self, batch: list[_Parsed], formats: RestoreFormats) -> _EncodingBatch:
