@@ -9,7 +9,8 @@ cluster plan. Reported per size, from the commit markers' times and the workers'
 * first commit: seconds from the job's start to its first committed shard (Ray, actors, first batch);
 * shards/s: committed shards per second between the first and the last commit (steady state);
 * per-shard overhead: the seconds an actor spends per shard outside its worker (the driver handing out
-  the shard, Ray's calls, result collection): interval between commits x actors - worker seconds per shard;
+  the shard, Ray's calls, result collection): interval between commits x actors - worker seconds per shard
+  (near 0 it can come out slightly negative: a worker's seconds end after its shard's commit marker is written);
 * tail: seconds from the last commit to the summary being returned (listing, summarising);
 * driver peak memory: the driver process's peak resident set during the job, and its growth over the job.
 
