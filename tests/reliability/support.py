@@ -21,6 +21,7 @@ def run_jobs_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     from ncpipe.codec import LearnedCodec
+    from ncpipe.io.storage import job_temporaries
     from ncpipe.models.registry import load_model
     from ncpipe.pipeline import actors, jobs
     from ncpipe.pipeline.compress import ShardCompressor
@@ -40,7 +41,8 @@ def run_jobs_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
         outcome = PoolOutcome([], [])
         for task in tasks:
             try:
-                outcome.results.append(worker.run(task))
+                with job_temporaries(task.job_id):  # as the actors run it
+                    outcome.results.append(worker.run(task))
             except Exception as err:  # as the distributor records a task's failure (no redaction here:
                 log.error("shard %s failed: %s", task.input_url, err)  # tests check the worker's own)
                 outcome.failures.append(ShardFailure(task, str(err)))
