@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -96,9 +97,9 @@ def main() -> None:
             rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
             print(f"{side}x{side} {mode:8s} peak +{rows[-1]['peak_growth_mb']:8.1f} MB "
                   f"({rows[-1]['mb_per_megapixel']:6.1f} MB/MP), {rows[-1]['decode_seconds']:.1f} s", flush=True)
-    print(json.dumps({"model": args.model, "machine": f"{platform.node()} ({platform.machine()}, "
-                      f"{__import__('os').cpu_count()} CPUs)", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                      "rows": rows}, indent=1))
+    machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)"
+    print(json.dumps({"model": args.model, "machine": machine,
+                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Callable, ParamSpec, TypeVar
+
 from ncpipe.errors import NcpipeError
 from ncpipe.io.storage import create_exclusive, read_bytes, remove, write_bytes_atomic
 from ncpipe.io.urls import redact
