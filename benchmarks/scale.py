@@ -9,8 +9,8 @@ cluster plan. Reported per size, from the commit markers' times and the workers'
 * first commit: seconds from the job's start to its first committed shard (Ray, actors, first batch);
 * shards/s: committed shards per second between the first and the last commit (steady state);
 * per-shard overhead: the seconds an actor spends per shard outside its worker (the driver handing out
-  the shard, Ray's calls, result collection): interval between commits x actors - worker seconds per shard
-  (near 0 it can come out slightly negative: a worker's seconds end after its shard's commit marker is written);
+  the shard, Ray's calls, result collection): interval between commits x actors - worker seconds per shard,
+  both without each actor's first shard (its warm-up); near 0 it can come out slightly negative;
 * tail: seconds from the last commit to the summary being returned (listing, summarising);
 * driver peak memory: the driver process's peak resident set during the job, and its growth over the job.
 
@@ -117,11 +117,12 @@ def one_size(args: argparse.Namespace, shards: int) -> dict:
         worker_seconds = [json.loads(p.read_text())["seconds"] for p in markers]
     actors = _actors(summary)
     interval = (commits[-1] - commits[0]) / max(len(commits) - 1, 1)
+    steady = worker_seconds[actors:] or worker_seconds  # each actor's first shard carries its warm-up
     return {
         "shards": shards, "images_per_shard": args.per_shard, "actors": actors, "wall_seconds": wall,
         "first_commit_seconds": commits[0], "shards_per_second": 1.0 / interval if interval > 0 else None,
-        "worker_seconds_per_shard": sum(worker_seconds) / len(worker_seconds),
-        "overhead_seconds_per_shard": interval * actors - sum(worker_seconds) / len(worker_seconds),
+        "worker_seconds_per_shard": sum(steady) / len(steady),
+        "overhead_seconds_per_shard": interval * actors - sum(steady) / len(steady),
         "tail_seconds": wall - commits[-1],
         "driver_peak_rss_mb": memory.peak / 2**20, "driver_rss_growth_mb": (memory.peak - memory.start) / 2**20,
     }
