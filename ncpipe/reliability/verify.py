@@ -4,6 +4,7 @@
 
     archive ─CURRENT─► generation ─┬─ listing: shards/, manifest/, _commits/ agree; no stray temps
                                    ├─ per shard: commit marker ↔ manifest part ↔ output tar members
+                                   │     each carried member: its SHA-256 against carried_sha256
                                    │     each <key>.ncb: header, every chunk's CRC32, rANS decode of
                                    │     every chunk (end-state checks), optionally synthesis (--full)
                                    └─ across shards: (source_url, sample_index) once each; summary.json
