@@ -1,6 +1,6 @@
 """CorrDiff through the CLI: `compress --corrdiff` writes coefficients into v2 bitstreams and records them;
 `decompress --decoder corrdiff --perception p` decodes a small shard with them (p = 0 is the codec's own
-restore, p = 0.5 is reproducible and recorded), and a v1 archive is restored by the codec, saying why."""
+restore, p = 0.5 is reproducible and recorded), and a v1 archive is refused up front, saying why."""
 
 import io
 import json
@@ -18,6 +18,7 @@ from ncpipe.cli import main
 from ncpipe.codec import LearnedCodec, to_uint8_image
 from ncpipe.config import CompressConfig, ConfigError, DecompressConfig
 from ncpipe.diffusion.corrdiff import corrdiff_decode, load_corrdiff, read_corrections
+from ncpipe.exit_status import EXIT_USAGE
 from ncpipe.manifest import MANIFEST_SCHEMA, RESTORE_SCHEMA, read_manifest
 from ncpipe.models.checkpoint import load_codec_model
 from ncpipe.pipeline.jobs import restore_fingerprint
@@ -127,15 +128,14 @@ def test_corrdiff_decode_endpoints_determinism_and_manifest(root: Path, tiny_mod
     assert any(not np.array_equal(v, codec_restore[k]) for k, v in _in_process(root, tiny_model_path, 1.0).items())
 
 
-def test_a_v1_archive_is_restored_by_the_codec_and_says_why(root: Path, tiny_model_path: Path,
-                                                            codec_restore: dict[str, np.ndarray]) -> None:
-    rows = _restore(root, "plain", "plain-corrdiff", tiny_model_path, *_corrdiff(root, 0.5))
-    assert len(rows) == 3
-    assert all(r["status"] == "error" and r["error"].startswith("not corrdiff-decoded: the bitstream carries no")
-               for r in rows)
-    assert all(r["corrdiff_sha256"] is None and r["perception"] is None for r in rows)
-    restored = _pixels(_members(root / "plain-corrdiff" / "in.tar", ".png"))
-    assert set(restored) == set(codec_restore) and all(np.array_equal(codec_restore[k], restored[k]) for k in restored)
+def test_a_v1_archive_is_refused_up_front_and_says_why(root: Path, tiny_model_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """An archive compressed without coefficients cannot be CorrDiff-decoded: refused before any shard runs."""
+    code = main(["decompress", str(root / "plain"), "-o", str(root / "plain-corrdiff"), "--model",
+                 str(tiny_model_path), *_corrdiff(root, 0.5)])
+    assert code == EXIT_USAGE
+    assert "compressed without CorrDiff coefficients" in caplog.text
+    assert not (root / "plain-corrdiff" / "in.tar").exists()
 
 
 def test_configs_refuse_bad_corrdiff_options_naming_the_field() -> None:
