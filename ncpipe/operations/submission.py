@@ -207,13 +207,28 @@ def cluster_errors(what: str) -> Iterator[None]:
         raise SubmissionError(redact(f"cannot {what}: {type(err).__name__}: {err}")) from None
 
 
-def submit(client, submission: Submission, submission_id: str | None = None) -> str:
-    """Send ``submission``; returns the submission id."""
-    with cluster_errors("submit the job"):
-        return client.submit_job(
-            entrypoint=submission.entrypoint, runtime_env=submission.runtime_env, submission_id=submission_id,
-            metadata={"ncpipe_spec": submission.spec},
-        )
+AGENT_STARTING = "No available agent to submit job"  # the Jobs API's answer while a new head's agent starts
+AGENT_WAIT_SECONDS = 120.0
+
+
+def submit(client, submission: Submission, submission_id: str | None = None,
+           sleep: Callable[[float], None] = time.sleep) -> str:
+    """Send ``submission``; returns the submission id. A head whose job agent is still starting
+    (its dashboard answers first) is asked again, for up to ``AGENT_WAIT_SECONDS``."""
+    waited = 0.0
+    while True:
+        try:
+            with cluster_errors("submit the job"):
+                return client.submit_job(
+                    entrypoint=submission.entrypoint, runtime_env=submission.runtime_env,
+                    submission_id=submission_id, metadata={"ncpipe_spec": submission.spec},
+                )
+        except SubmissionError as err:
+            if AGENT_STARTING not in str(err) or waited >= AGENT_WAIT_SECONDS:
+                raise
+            log.info("the head's job agent is starting; submitting again in 5 s")
+            sleep(5.0)
+            waited += 5.0
 
 
 def job_status(client, submission_id: str) -> tuple[str, str]:

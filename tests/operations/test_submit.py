@@ -31,6 +31,7 @@ from ncpipe.operations.submission import (
     SubmissionError,
     plan_submission,
     resolve_address,
+    submit,
     upload_files,
 )
 from tests.factories import encoded, kodak_pixels
@@ -86,6 +87,32 @@ def test_a_relative_output_is_flagged_and_output_sends_the_job_elsewhere(tmp_pat
     evaluate = write_spec(tmp_path, "e.yaml", "kind: train-codec\nspec: {data: [d], run_dir: r}")
     with pytest.raises(ConfigError, match="has no output to replace"):
         plan_submission(evaluate, tmp_path, output="s3://bucket/x")
+
+
+def test_submit_waits_for_a_starting_heads_job_agent(tmp_path):
+    """A new head's dashboard answers before its job agent does: the Jobs API says so with a 500."""
+    spec = write_spec(tmp_path, "j.yaml", "kind: compress\nspec: {inputs: [a], output: s3://b/o}")
+    plan = plan_submission(spec, tmp_path)
+
+    class StartingHead:
+        calls = 0
+
+        def submit_job(self, **request):
+            self.calls += 1
+            if self.calls < 3:
+                raise RuntimeError("Request failed with status code 500: No available agent to submit job, "
+                                   "please try again later..")
+            return "raysubmit_1"
+
+    head, slept = StartingHead(), []
+    assert submit(head, plan, sleep=slept.append) == "raysubmit_1" and slept == [5.0, 5.0]
+
+    class DownHead:
+        def submit_job(self, **request):
+            raise RuntimeError("Request failed with status code 404: Not Found")
+
+    with pytest.raises(SubmissionError, match="404"):
+        submit(DownHead(), plan, sleep=lambda s: pytest.fail("waited"))
 
 
 def test_plan_refuses_a_spec_outside_or_excluded_from_the_upload(tmp_path):
