@@ -149,7 +149,7 @@ def host_path_warnings(config: Any) -> list[str]:
     files on the cluster's nodes; a relative output lands in the job's unpacked working directory on the
     head, a temporary folder nobody looks in."""
     values = []
-    for name in ("inputs", "output", "model"):
+    for name in ("inputs", "model"):
         value = getattr(config, name, None)
         values += list(value) if isinstance(value, (list, tuple)) else [value]
     warnings = [
@@ -159,10 +159,12 @@ def host_path_warnings(config: Any) -> list[str]:
         if isinstance(value, str) and os.path.isabs(value)
     ]
     output = getattr(config, "output", None)
-    if isinstance(output, str) and "://" not in output and not os.path.isabs(output):
-        warnings.append(f"output {redact(output)} is relative: the job writes it inside its temporary working "
-                        "directory on the head; pass --output with an object-store URL (or an absolute path on "
-                        "the head) to find the result")
+    if isinstance(output, str) and "://" not in output:
+        warnings.append(
+            f"output {redact(output)} is an absolute local path: the job writes it on the cluster's nodes"
+            if os.path.isabs(output) else
+            f"output {redact(output)} is relative: the job writes it inside its temporary working directory on "
+            "the head; pass --output with an object-store URL (or an absolute path on the head) to find the result")
     return warnings
 
 

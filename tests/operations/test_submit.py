@@ -80,6 +80,8 @@ def test_a_relative_output_is_flagged_and_output_sends_the_job_elsewhere(tmp_pat
     spec = write_spec(tmp_path, "j.yaml", "kind: compress\nspec: {inputs: [data/x.tar], output: out/archive}")
     (warning,) = plan_submission(spec, tmp_path).warnings
     assert warning.startswith("output out/archive is relative") and "--output" in warning
+    (warning,) = plan_submission(spec, tmp_path, output="/srv/archive").warnings
+    assert warning == "output /srv/archive is an absolute local path: the job writes it on the cluster's nodes"
     plan = plan_submission(spec, tmp_path, output="s3://bucket/archive")
     assert plan.warnings == [] and plan.entrypoint == "python -m ncpipe run jobs/j.yaml --output s3://bucket/archive"
     assert main(["run", str(spec), "--check", "--output", "s3://bucket/archive"]) == 0
