@@ -228,7 +228,7 @@ def _demo(args: argparse.Namespace) -> int:
     restore = run_decompress(DecompressConfig(inputs=(archive,), output=restored, device=args.device, overwrite=True))
     print("== decompress ==")
     print(restore.text())
-    print(f"\nmanifest:  {archive}/g0000/manifest/*.parquet\nrestored:  {restored}/*.tar")
+    print(f"\nmanifest:  ncpipe manifest {archive}\nrestored:  {restored}/*.tar")
     return max(job_exit_status(compressed), job_exit_status(restore))
 
 
