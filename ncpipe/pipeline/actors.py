@@ -111,13 +111,12 @@ class RecompressActor(ShardActor):
     """Holds the target model, and decodes old bitstreams with the models they name."""
 
     def setup(self, config: RecompressConfig, threads: int, on_progress: Callable[[int], None]):
+        from ncpipe.pipeline.compress import ShardCompressor
         from ncpipe.pipeline.decompress import CodecCache
-        from ncpipe.pipeline.recompress import ShardRecompressor
+        from ncpipe.pipeline.recompress import PreviousGeneration
 
         device = resolve_device(config.device)
         codec = LearnedCodec(load_model(config.model).to(device), config.y_chunk_channels,
                              config.coder_threads or threads)
-        return ShardRecompressor(
-            config.compress_config(), codec, config.model, threads, on_progress,
-            models=CodecCache(device, threads, config.decode_models),
-        )
+        source = PreviousGeneration(CodecCache(device, threads, config.decode_models), config.max_pixels)
+        return ShardCompressor(config.compress_config(), codec, config.model, threads, on_progress, source=source)

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -32,8 +32,8 @@ from ncpipe.codec import AnalysedBatch, LearnedCodec, PendingBitstream, padded_s
 from ncpipe.config import CompressConfig
 from ncpipe.diffusion.corrdiff import CorrDiffDecoder, attach_corrections, corrections_for_images
 from ncpipe.images import DecodedImage, ImageRefused, decode_image, is_image_member
-from ncpipe.io.storage import atomic_writer, write_bytes_atomic
 from ncpipe.io.image_shards import iter_shard_samples
+from ncpipe.io.storage import atomic_writer, write_bytes_atomic
 from ncpipe.io.tar_reader import Sample, ShardUnreadable, TarMember
 from ncpipe.io.tar_writer import TarShardWriter
 from ncpipe.io.urls import redact
@@ -83,7 +83,7 @@ class ShardStats:
 
 
 @dataclass
-class _Prepared:
+class Prepared:
     """A sample ready for the encoder, or to be written through (``error`` / ``kept_row``)."""
 
     sample: Sample
@@ -91,12 +91,30 @@ class _Prepared:
     image: DecodedImage | None = None
     error: str | None = None
     kept_row: ManifestRow | None = None  # already coded: written through with this row
-    lineage: dict | None = None  # fields that override the new row (recompression)
+    finish_row: Callable[[ManifestRow], ManifestRow] | None = None  # the source's last word on the new row
+
+
+class SampleSource(Protocol):
+    """Where a shard worker's samples come from: an input shard, or a previous generation."""
+
+    def items(self, task: ShardTask, pool: ThreadPoolExecutor) -> Iterator[Prepared]: ...
+
+
+class InputShard:
+    """The input shard's samples (a tar, or image files), decoded on the pool, in order."""
+
+    def __init__(self, config: CompressConfig):
+        self.config = config
+
+    def items(self, task: ShardTask, pool: ThreadPoolExecutor) -> Iterator[Prepared]:
+        depth = self.config.batch_size
+        samples = read_ahead(iter_shard_samples(task.input_url, task.files), depth=4 * depth)
+        return map_ordered(lambda s: prepare(s, self.config.max_pixels), samples, pool, window=2 * depth)
 
 
 @dataclass
 class _InflightBatch:
-    items: list[_Prepared]
+    items: list[Prepared]
     analysed: AnalysedBatch
     pending: list[PendingBitstream]
     scores: list[tuple[float | None, float | None]]  # (PSNR, MS-SSIM) of each item
@@ -111,24 +129,24 @@ def choose_image_member(sample: Sample) -> TarMember | None:
     return next((m for m in sample.members if is_image_member(m.extension)), None)
 
 
-def prepare(sample: Sample, max_pixels: int) -> _Prepared:
+def prepare(sample: Sample, max_pixels: int) -> Prepared:
     """Decode the sample's image or say why it cannot be coded (runs on the decode pool)."""
     if sample.error:
-        return _Prepared(sample, error=sample.error)
+        return Prepared(sample, error=sample.error)
     member = choose_image_member(sample)
     if member is None:
         kinds = ", ".join(m.extension for m in sample.members) or "none"
-        return _Prepared(sample, error=f"no image member to code (members: {kinds})")
+        return Prepared(sample, error=f"no image member to code (members: {kinds})")
     if any(m.extension == BITSTREAM_EXTENSION for m in sample.members):
-        return _Prepared(sample, member, error=f"sample already has a .{BITSTREAM_EXTENSION} member")
+        return Prepared(sample, member, error=f"sample already has a .{BITSTREAM_EXTENSION} member")
     try:
-        return _Prepared(sample, member, decode_image(member.data, member.extension, max_pixels))
+        return Prepared(sample, member, decode_image(member.data, member.extension, max_pixels))
     except ImageRefused as err:
-        return _Prepared(sample, member, error=str(err))
+        return Prepared(sample, member, error=str(err))
 
 
 class ShardCompressor:
-    """Runs :class:`ShardTask`\\ s with one resident codec."""
+    """Runs :class:`ShardTask`\\ s with one resident codec, coding what its sample source hands over."""
 
     def __init__(
         self,
@@ -138,6 +156,7 @@ class ShardCompressor:
         decode_threads: int,
         on_progress: Callable[[int], None] = lambda samples: None,
         corrdiff: CorrDiffDecoder | None = None,
+        source: SampleSource | None = None,
     ):
         self.config = config
         self.codec = codec
@@ -145,6 +164,7 @@ class ShardCompressor:
         self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
         self.on_progress = on_progress
         self.corrdiff = corrdiff  # when given, every bitstream carries its correction coefficients
+        self.source = source or InputShard(config)
 
     def run(self, task: ShardTask) -> ShardStats:
         started = time.perf_counter()
@@ -153,7 +173,7 @@ class ShardCompressor:
         self._reported = 0
         try:
             with atomic_writer(task.shard_url) as handle, TarShardWriter(handle) as writer:
-                self._encode_items(task, self.prepared_items(task), writer, rows)
+                self._encode_items(task, self.source.items(task, self.decode_pool), writer, rows)
         except ShardUnreadable as err:
             # The shard itself is unusable: record it once; an empty output shard keeps
             # the layout uniform for readers.
@@ -172,19 +192,9 @@ class ShardCompressor:
         self._commit(task, stats, carried_accounting(row.carried_sha256 for row in rows))
         return stats
 
-    def prepared_items(self, task: ShardTask) -> Iterator[_Prepared]:
-        """The input shard's samples, decoded on the pool, in order."""
-        samples = read_ahead(iter_shard_samples(task.input_url, task.files), depth=4 * self.config.batch_size)
-        return map_ordered(
-            lambda s: prepare(s, self.config.max_pixels),
-            samples,
-            self.decode_pool,
-            window=2 * self.config.batch_size,
-        )
-
-    def _encode_items(self, task: ShardTask, items: Iterable[_Prepared], writer: TarShardWriter,
+    def _encode_items(self, task: ShardTask, items: Iterable[Prepared], writer: TarShardWriter,
                       rows: list[ManifestRow]) -> None:
-        batcher: ShapeBatcher[_Prepared] = ShapeBatcher(self.config.batch_size)
+        batcher: ShapeBatcher[Prepared] = ShapeBatcher(self.config.batch_size)
         inflight: deque[_InflightBatch] = deque()
         for item in items:
             if item.kept_row is not None:
@@ -208,7 +218,7 @@ class ShardCompressor:
         self.on_progress(finished - self._reported)
         self._reported = finished
 
-    def _start_batch(self, items: list[_Prepared]) -> _InflightBatch:
+    def _start_batch(self, items: list[Prepared]) -> _InflightBatch:
         started = time.perf_counter()
         analysed = self.codec.analyse([item.image.pixels for item in items], reconstruct=self.config.metrics,
                                       quality=self.config.quality)
@@ -220,7 +230,7 @@ class ShardCompressor:
         ]
         return _InflightBatch(items, analysed, pending, scores, started, self._corrections(items, analysed))
 
-    def _corrections(self, items: list[_Prepared],
+    def _corrections(self, items: list[Prepared],
                      analysed: AnalysedBatch) -> tuple[CorrectionCoefficients, ...] | None:
         """CorrDiff's coefficients (the encoder runs the decoder's sampler against the originals), or None."""
         if self.corrdiff is None:
@@ -230,7 +240,7 @@ class ShardCompressor:
             [item.sample.key for item in items], self.config.corrdiff_steps, self.config.corrdiff_bits,
         )
 
-    def _scores(self, items: list[_Prepared], analysed: AnalysedBatch) -> list[tuple[float | None, float | None]]:
+    def _scores(self, items: list[Prepared], analysed: AnalysedBatch) -> list[tuple[float | None, float | None]]:
         if analysed.reconstructions is None:
             return [(None, None)] * len(items)
         scores = []
@@ -281,8 +291,8 @@ class ShardCompressor:
                     **corrdiff_columns,
                 )
             )
-            if item.lineage:
-                rows[-1] = self.apply_lineage(rows[-1], item.lineage)
+            if item.finish_row is not None:
+                rows[-1] = item.finish_row(rows[-1])
 
     def _with_corrections(self, data: bytes, batch: _InflightBatch, index: int) -> tuple[bytes, dict]:
         """The bitstream with item ``index``'s CorrDiff coefficients attached (version 2), and its manifest columns."""
@@ -292,10 +302,7 @@ class ShardCompressor:
         return extended, {"corrdiff_sha256": batch.corrections[index].decoder_sha256,
                           "corrdiff_bytes": len(extended) - len(data)}
 
-    def apply_lineage(self, row: ManifestRow, lineage: dict) -> ManifestRow:
-        return dataclasses.replace(row, **lineage)
-
-    def _write_coded(self, item: _Prepared, bitstream: bytes, writer: TarShardWriter) -> tuple[list[str], list[str]]:
+    def _write_coded(self, item: Prepared, bitstream: bytes, writer: TarShardWriter) -> tuple[list[str], list[str]]:
         """The bitstream takes the image member's place; every other member is carried.
         Returns the carried members' names and digests."""
         carried = []
@@ -307,7 +314,7 @@ class ShardCompressor:
                 carried.append(member)
         return _names_and_digests(carried)
 
-    def _write_passthrough(self, task: ShardTask, item: _Prepared, writer: TarShardWriter,
+    def _write_passthrough(self, task: ShardTask, item: Prepared, writer: TarShardWriter,
                            rows: list[ManifestRow]) -> None:
         for member in item.sample.members:
             writer.add(member.name, member.data)
@@ -331,7 +338,7 @@ class ShardCompressor:
             )
         )
 
-    def _write_kept(self, task: ShardTask, item: _Prepared, writer: TarShardWriter, rows: list[ManifestRow]) -> None:
+    def _write_kept(self, task: ShardTask, item: Prepared, writer: TarShardWriter, rows: list[ManifestRow]) -> None:
         """An already coded sample that stays as it is (recompression did not select it)."""
         for member in item.sample.members:
             writer.add(member.name, member.data)

@@ -582,7 +582,9 @@ def run_recompress(config: RecompressConfig) -> RecompressSummary:
     outcome = run_tasks(config.cluster, tasks, RecompressActor, config, "recompress")
     clear_partials(job_id, generation.shards_dir, generation.manifest_dir, generation.commits_dir)
     failed = [redact(f.task.input_url) for f in outcome.failures]
-    new_rows = [r for r in read_manifest(generation.manifest_dir).to_pylist() if r["recompress_source"]]
+    # this job's re-encodings: rows kept from earlier recompressions carry a recompress_source too
+    new_rows = [r for r in read_manifest(generation.manifest_dir).to_pylist()
+                if r["recompress_source"] and r["job_id"] == job_id]
     losses = [r["psnr_vs_previous"] for r in new_rows if r["psnr_vs_previous"] is not None]
     summary = RecompressSummary(
         **{**base, "shards_failed": failed}, generation=name, dry_run=False,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -38,8 +39,9 @@ from ncpipe.io.storage import exists
 from ncpipe.io.tar_reader import Sample, iter_samples
 from ncpipe.manifest import STATUS_OK, ManifestRow
 from ncpipe.models.registry import find_by_sha256, resolve_model
-from ncpipe.pipeline.compress import BITSTREAM_EXTENSION, ShardCompressor, ShardTask, _Prepared, prepare
+from ncpipe.pipeline.compress import Prepared, ShardTask, prepare
 from ncpipe.pipeline.decompress import CodecCache
+from ncpipe.pipeline.layout import BITSTREAM_EXTENSION
 
 log = logging.getLogger(__name__)
 
@@ -139,26 +141,28 @@ class RecompressTask(ShardTask):
     transcode_only: bool = False
 
 
-class ShardRecompressor(ShardCompressor):
-    """Compresses a previous generation's shard again, sample by sample as selected."""
+class PreviousGeneration:
+    """The sample source of a recompression: a previous generation's shard, sample by sample,
+    each kept with its row, or re-prepared from its original or its old bitstream as selected."""
 
-    def __init__(self, *args, models: CodecCache, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, models: CodecCache, max_pixels: int):
         self.models = models
+        self.max_pixels = max_pixels
 
-    def prepared_items(self, task: RecompressTask) -> Iterator[_Prepared]:
+    def items(self, task: RecompressTask, pool: ThreadPoolExecutor) -> Iterator[Prepared]:
+        """In shard order; the pool is not used (selected samples are few and decoded where found)."""
         originals = {} if task.transcode_only else self._original_samples(task)
         samples = iter_samples(task.input_url)
         for position, row in enumerate(task.previous_rows):
             if row.sample_index < 0:  # a shard-level error row has no sample in the shard
-                yield _Prepared(Sample(row.key, (), task.input_url, -1), kept_row=row)
+                yield Prepared(Sample(row.key, (), task.input_url, -1), kept_row=row)
                 continue
             sample = next(samples, None)
             if sample is None or sample.key != row.key:
                 found = "nothing" if sample is None else repr(sample.key)
                 raise RecompressError(f"sample {position} of {task.input_url} is {found}, manifest says {row.key!r}")
             if position not in task.selected:
-                yield _Prepared(sample, kept_row=row)
+                yield Prepared(sample, kept_row=row)
             elif row.sample_index in originals:
                 yield self._from_original(originals[row.sample_index], row)
             else:
@@ -189,20 +193,21 @@ class ShardRecompressor(ShardCompressor):
             "recompress_source": source,
         }
 
-    def _from_original(self, original: Sample, row: ManifestRow) -> _Prepared:
-        item = prepare(original, self.config.max_pixels)
+    def _from_original(self, original: Sample, row: ManifestRow) -> Prepared:
+        item = prepare(original, self.max_pixels)
         if item.error is not None:  # the original changed or broke since: keep what we have
             log.warning("original of %s is no longer codable (%s): kept as it was", row.key, item.error)
-            return _Prepared(original, kept_row=row)
-        return dataclasses.replace(item, lineage=self._lineage(row, SOURCE_ORIGINAL))
+            return Prepared(original, kept_row=row)
+        lineage = self._lineage(row, SOURCE_ORIGINAL)
+        return dataclasses.replace(item, finish_row=lambda new: dataclasses.replace(new, **lineage))
 
-    def _transcoded(self, sample: Sample, row: ManifestRow) -> _Prepared:
+    def _transcoded(self, sample: Sample, row: ManifestRow) -> Prepared:
         member = next(m for m in sample.members if m.extension == BITSTREAM_EXTENSION)
         try:
-            header, pixels = self.models.decode_pixels(member.data, self.config.max_pixels)
+            header, pixels = self.models.decode_pixels(member.data, self.max_pixels)
         except (BitstreamError, ModelMismatchError) as err:
             log.warning("cannot transcode %s (%s): kept as it was", row.key, err)
-            return _Prepared(sample, kept_row=row)
+            return Prepared(sample, kept_row=row)
         # the old bitstream's EXIF / ICC / XMP travel on into the new one
         image = DecodedImage(pixels, row.source_format or "", header.source_mode, image_metadata(member.data))
         lineage = {
@@ -211,11 +216,6 @@ class ShardRecompressor(ShardCompressor):
             "source_format": row.source_format,
             "source_bytes": row.source_bytes,
         }
-        return _Prepared(sample, member, image, lineage=lineage)
-
-    def apply_lineage(self, row: ManifestRow, lineage: dict) -> ManifestRow:
-        row = dataclasses.replace(row, **lineage)
-        if lineage["recompress_source"] == SOURCE_TRANSCODED:
-            # Measured against the old reconstruction, not the (unavailable) original.
-            row = dataclasses.replace(row, psnr_vs_previous=row.psnr, psnr=None, ms_ssim=None)
-        return row
+        # Quality is measured against the old reconstruction, not the (unavailable) original.
+        return Prepared(sample, member, image, finish_row=lambda new: dataclasses.replace(
+            new, **lineage, psnr_vs_previous=new.psnr, psnr=None, ms_ssim=None))

@@ -69,7 +69,7 @@ def test_each_level_is_recorded_and_restored_without_a_quality_flag(archives, sh
     for quality, archive in archives.items():
         rows = _rows(archive)
         assert {r["quality"] for r in rows} == {quality}
-        assert all(r["rate"] == pytest.approx(TINY_VBR_LAMBDAS[quality - 1]) for r in rows)
+        assert all(r["rd_lambda"] == pytest.approx(TINY_VBR_LAMBDAS[quality - 1]) for r in rows)
         mean_bpp[quality] = np.mean([r["bpp"] for r in rows])
         images = _members(Path(outputs[rows[0]["output_shard"]]))
         for row in rows:  # the PSNR the encoder measured is what the flagless restore gives
@@ -114,7 +114,7 @@ def test_recompress_above_a_level_reencodes_only_those_samples(archives, tiny_vb
     for key, before in mixed.items():
         after = final[key]
         if before["quality"] == 3:
-            assert after["quality"] == 1 and after["rate"] == pytest.approx(TINY_VBR_LAMBDAS[0])
+            assert after["quality"] == 1 and after["rd_lambda"] == pytest.approx(TINY_VBR_LAMBDAS[0])
             assert after["previous_compressed_bytes"] == before["compressed_bytes"] > after["compressed_bytes"]
         else:  # written through as it was
             assert {k: v for k, v in after.items() if k not in ("generation", "output_shard")} == \
