@@ -14,8 +14,11 @@ import zlib
 from dataclasses import dataclass
 
 from ncpipe.errors import NcpipeError
-from ncpipe.images import DEFAULT_MAX_PIXELS  # noqa: F401  (re-exported for decoders)
-from ncpipe.images import MAX_METADATA_BYTES, ImageMetadata
+from ncpipe.images import (
+    DEFAULT_MAX_PIXELS,  # noqa: F401  (re-exported for decoders)
+    MAX_METADATA_BYTES,
+    ImageMetadata,
+)
 
 MAGIC = b"NCPB"
 # Version 1: a fixed-rate model's bitstream; 2: the same plus extensions; 3: a variable-rate

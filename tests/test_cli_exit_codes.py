@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from ncpipe.cli import main
+from ncpipe.cli.exit_status import EXIT_FAILED, EXIT_OK, EXIT_SAMPLE_ERRORS, EXIT_USAGE, job_exit_status
 from ncpipe.config import ClusterConfig
-from ncpipe.exit_status import EXIT_FAILED, EXIT_OK, EXIT_SAMPLE_ERRORS, EXIT_USAGE, job_exit_status
 from ncpipe.pipeline.distributor import connect
 from ncpipe.pipeline.jobs import CompressSummary, RecompressSummary
 from tests.factories import encoded, kodak_pixels

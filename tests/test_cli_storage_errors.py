@@ -10,7 +10,7 @@ import pytest
 import s3fs
 
 from ncpipe.cli import main
-from ncpipe.exit_status import EXIT_USAGE
+from ncpipe.cli.exit_status import EXIT_USAGE
 from ncpipe.io.failures import AccessDeniedError, CredentialsError, StorageUnreachableError, classify
 from ncpipe.io.storage import read_bytes
 

@@ -43,10 +43,10 @@ from ncpipe.diffusion.refiner import (
     TrainedCodec,
     canvas_size,
     decoded_batch,
+    decoder_digest,
     fit_canvas,
     jsonable,
     read_weights_checkpoint,
-    refiner_digest,
     weights_checkpoint,
     write_checkpoint,
 )
@@ -201,7 +201,7 @@ class CorrDiffDecoder(nn.Module):
 
     def identity(self) -> str:
         """The decoder's SHA-256 (set on save/load; computed from the current weights otherwise)."""
-        return self.sha256 or refiner_digest(corrdiff_checkpoint(self, {}))
+        return self.sha256 or decoder_digest(corrdiff_checkpoint(self, {}))
 
     def check_codec(self, sha256: str) -> None:
         """Raise ``CorrDiffMismatchError`` unless this decoder was trained for codec ``sha256``."""
@@ -269,7 +269,7 @@ def knob_coefficient(lam_star: Tensor | float, perception: float) -> Tensor:
     return (1.0 - w) * lam
 
 
-def seed_for_key(key: str) -> int:
+def transmitted_seed(key: str) -> int:
     """The u32 noise seed the encoder writes: the first 4 bytes (little-endian) of SHA-256(key)."""
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:4], "little")
 
@@ -340,14 +340,14 @@ def compute_corrections(
     ``originals`` are the images (3, h, w) in [0, 1]. λ*_t is the least-squares optimum over each image's
     own (h, w) pixels (and per RGB channel when the decoder's ``coefficient_groups`` is 3); its b-bit
     quantization λ̃_t is what continues the sampler, so the decoder's replay at p = ½ reproduces the
-    encoder's trajectory. ``seeds`` default to ``seed_for_key(key)``.
+    encoder's trajectory. ``seeds`` default to ``transmitted_seed(key)``.
     """
     steps = decoder.config.steps if steps is None else steps
     bits = decoder.config.bits if bits is None else bits
     per_channel = decoder.config.coefficient_groups > 1
     if not 1 <= steps <= decoder.config.max_steps:
         raise ValueError(f"steps must be in 1..{decoder.config.max_steps} for this decoder, got {steps}")
-    seeds = tuple(seed_for_key(k) for k in decoded.keys) if seeds is None else tuple(int(s) for s in seeds)
+    seeds = tuple(transmitted_seed(k) for k in decoded.keys) if seeds is None else tuple(int(s) for s in seeds)
     if len(originals) != len(decoded.x_hat) or len(seeds) != len(originals):
         raise ValueError(f"{len(originals)} originals and {len(seeds)} seeds for {len(decoded.x_hat)} images")
     sha = decoder.identity()
@@ -502,7 +502,7 @@ def load_corrdiff(path: str | Path, device: torch.device | str = "cpu", expected
     when ``codec_sha256`` is given, a codec it was not trained for."""
     ref = resolve_model(path, "corrdiff")
     checkpoint = read_weights_checkpoint(ref.checkpoint, CORRDIFF_FORMAT, CorrDiffError, "CorrDiff")
-    sha256 = refiner_digest(checkpoint)
+    sha256 = decoder_digest(checkpoint)
     expected_sha256 = expected_sha256 or ref.expected_sha256
     if expected_sha256 is not None and sha256 != expected_sha256:
         raise CorrDiffError(f"{path} has CorrDiff SHA-256 {sha256}, but {expected_sha256} was expected")

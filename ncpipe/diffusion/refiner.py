@@ -394,7 +394,7 @@ def refiner_checkpoint(refiner: Refiner, provenance: dict[str, Any]) -> dict[str
     return weights_checkpoint(REFINER_FORMAT, refiner.config.to_dict(), refiner.codecs, refiner, provenance)
 
 
-def refiner_digest(checkpoint: dict[str, Any]) -> str:
+def decoder_digest(checkpoint: dict[str, Any]) -> str:
     """SHA-256 of config, codecs and every tensor (name, dtype, shape, bytes), as ``model_digest``."""
     digest = hashlib.sha256()
     digest.update(json.dumps({k: checkpoint[k] for k in _HASHED_FIELDS}, sort_keys=True).encode())
@@ -406,9 +406,9 @@ def refiner_digest(checkpoint: dict[str, Any]) -> str:
 
 
 def write_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> str:
-    """Save atomically (temp + rename); returns the checkpoint's ``refiner_digest``."""
+    """Save atomically (temp + rename); returns the checkpoint's ``decoder_digest``."""
     save_torch(checkpoint, path)
-    return refiner_digest(checkpoint)
+    return decoder_digest(checkpoint)
 
 
 def save_refiner(refiner: Refiner, path: str | Path, provenance: dict[str, Any]) -> str:
@@ -445,7 +445,7 @@ def load_refiner(path: str | Path, device: torch.device | str = "cpu", expected_
     when ``codec_sha256`` is given, a codec it was not trained for."""
     ref = resolve_model(path, "refiner")
     checkpoint = read_refiner_checkpoint(ref.checkpoint)
-    sha256 = refiner_digest(checkpoint)
+    sha256 = decoder_digest(checkpoint)
     expected_sha256 = expected_sha256 or ref.expected_sha256
     if expected_sha256 is not None and sha256 != expected_sha256:
         raise RefinerError(f"{path} has refiner SHA-256 {sha256}, but {expected_sha256} was expected")

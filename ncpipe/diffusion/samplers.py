@@ -100,7 +100,7 @@ def sample_ddim(
     return x
 
 
-def seed_from_key(key: str) -> int:
+def generator_seed(key: str) -> int:
     """A 63-bit seed from SHA-256 of the key: stable across runs, machines and Python versions."""
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little") >> 1
 
@@ -115,7 +115,7 @@ def seeded_noise(
     """
     rows = []
     for key in keys:
-        gen = torch.Generator(device="cpu").manual_seed(seed_from_key(key))
+        gen = torch.Generator(device="cpu").manual_seed(generator_seed(key))
         rows.append(torch.randn(tuple(shape), generator=gen, dtype=torch.float32))
     if not rows:
         return torch.empty((0, *shape), device=device, dtype=dtype)

@@ -19,10 +19,10 @@ import torch
 
 from ncpipe import metrics
 from ncpipe.codec import LearnedCodec, to_uint8_image
-from ncpipe.progress import Progress
 from ncpipe.images import decode_image
 from ncpipe.models.cards import anchor_gap, machine_description, now_utc
 from ncpipe.models.checkpoint import CodecModel
+from ncpipe.progress import Progress
 
 
 @dataclass(frozen=True)

@@ -43,12 +43,12 @@ from ncpipe.evaluation.baselines import BASELINE_NAMES, ClassicalCodec, get_base
 from ncpipe.evaluation.bdrate import bd_psnr, bd_rate
 from ncpipe.evaluation.learned import ImageResult, evaluate_model, load_image_set, summarise_results
 from ncpipe.evaluation.plots import plot_rd
-from ncpipe.progress import Progress
 from ncpipe.io.image_files import list_image_files
 from ncpipe.io.storage import atomic_writer
 from ncpipe.manifest import arrow_schema
 from ncpipe.models.cards import machine_description, now_utc, read_card, write_card
 from ncpipe.models.registry import ModelRef, list_models, resolve_model
+from ncpipe.progress import Progress
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import fsspec
 from fsspec.core import split_protocol
 
 from ncpipe.errors import NcpipeError
-from ncpipe.io.failures import classify
 from ncpipe.images import IMAGE_EXTENSIONS
+from ncpipe.io.failures import classify
 
 SHARD_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
 """What a shard's name ends with; a directory spec picks up every file with one of these."""

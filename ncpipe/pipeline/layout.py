@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
-import posixpath
 import re
 from collections import Counter
 from dataclasses import dataclass

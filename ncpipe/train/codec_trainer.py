@@ -28,7 +28,7 @@ from ncpipe.device import autocast_dtype, resolve_device
 from ncpipe.models.architectures import HyperpriorAdapter, build_adapter
 from ncpipe.train.data import RandomCrops, load_training_images
 from ncpipe.train.loop import (
-    ProgressLog,
+    StepMeans,
     StopRequest,
     load_state,
     save_state,
@@ -141,7 +141,7 @@ def train_codec(config: CodecTrainConfig) -> Path:
     level_rng = np.random.default_rng(config.seed + start + 1)
     lambdas = torch.tensor(config.lambdas, dtype=torch.float32, device=device)
     amp_dtype = autocast_dtype(device, config.amp)
-    progress = ProgressLog(config.steps, config.log_every)
+    progress = StepMeans(config.steps, config.log_every)
     log.info("training %s %s λ=%s on %s from step %d", config.arch, config.hparams,
              ",".join(f"{v:g}" for v in config.lambdas), device, start)
     started = saved_at = time.monotonic()

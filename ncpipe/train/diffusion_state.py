@@ -35,7 +35,7 @@ from ncpipe.diffusion.refiner import jsonable
 from ncpipe.diffusion.unet import UNetConfig
 from ncpipe.train.data import load_training_images
 from ncpipe.train.ema import EmaWeights
-from ncpipe.train.loop import ProgressLog, StopRequest, load_state, save_state, step_learning_rate
+from ncpipe.train.loop import StepMeans, StopRequest, load_state, save_state, step_learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def run_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, crops, o
     start = resumed.step
     generator = torch.Generator().manual_seed(options.seed * 1_000_003 + start)
     amp_dtype = autocast_dtype(device, options.amp)
-    progress, last_loss = ProgressLog(options.steps, options.log_every), math.nan
+    progress, last_loss = StepMeans(options.steps, options.log_every), math.nan
     started = saved_at = time.monotonic()
     with StopRequest() as stop:
         for step in range(start, options.steps):
@@ -236,7 +236,7 @@ def run_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, crops, o
 
 
 def _one_step(model, optimizer, crops, options: DiffusionTrainOptions, device, step: int, batch_loss: BatchLoss,
-              generator, amp_dtype, progress: ProgressLog) -> float:
+              generator, amp_dtype, progress: StepMeans) -> float:
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, options)
     batch = tuple(t.to(device, non_blocking=True) for t in crops.batch(options.batch_size))

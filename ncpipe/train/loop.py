@@ -114,7 +114,7 @@ class StopRequest:
 
 
 @dataclass
-class ProgressLog:
+class StepMeans:
     """Logs running means of named values every ``every`` steps."""
 
     total_steps: int

@@ -72,7 +72,7 @@ def release_decoder(checkpoint_path: Path, directory: Path, summary: str, comman
     """
     import shutil
 
-    from ncpipe.diffusion.refiner import read_weights_checkpoint, refiner_digest
+    from ncpipe.diffusion.refiner import decoder_digest, read_weights_checkpoint
 
     checkpoint = read_weights_checkpoint(checkpoint_path, tuple(DECODER_FORMATS), CheckpointError,
                                          "diffusion decoder")
@@ -82,7 +82,7 @@ def release_decoder(checkpoint_path: Path, directory: Path, summary: str, comman
     shutil.copyfile(checkpoint_path, target)
     card = {
         "name": directory.name, "kind": kind, "summary": summary, "released": now_utc(),
-        "sha256": refiner_digest(checkpoint), "file_sha256": file_sha256(target),
+        "sha256": decoder_digest(checkpoint), "file_sha256": file_sha256(target),
         "codecs": [{**c, "name": _registry_name(c["sha256"])} for c in checkpoint["codecs"]],
         "config": checkpoint["config"],
         "provenance": checkpoint.get("provenance", {}), "command": command,

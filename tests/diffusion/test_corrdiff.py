@@ -31,8 +31,8 @@ from ncpipe.diffusion.corrdiff import (
     optimal_coefficient,
     read_corrections,
     save_corrdiff,
-    seed_for_key,
     start_noise,
+    transmitted_seed,
 )
 from ncpipe.diffusion.refiner import TrainedCodec, canvas_size, fit_canvas
 from ncpipe.diffusion.samplers import sample_ddim
@@ -126,7 +126,7 @@ def test_knob_anchors_and_monotonicity() -> None:
 def test_seed_is_the_first_four_bytes_of_the_key_digest() -> None:
     import hashlib
 
-    assert seed_for_key("a/b") == int.from_bytes(hashlib.sha256(b"a/b").digest()[:4], "little") < 2**32
+    assert transmitted_seed("a/b") == int.from_bytes(hashlib.sha256(b"a/b").digest()[:4], "little") < 2**32
     assert torch.equal(start_noise([7, 9], (3, 4, 4))[1], start_noise([9], (3, 4, 4))[0])  # batch-independent
 
 
@@ -145,7 +145,7 @@ def test_coefficients_survive_the_bitstream_round_trip(codec, decoder, images, s
         assert len(v2) - len(v1) == 1 + 5 + payload + 4  # count, kind+length, payload, CRC32
     parsed = [read_corrections(data) for data in streams]
     assert parsed == list(encoder.coefficients)
-    assert all(c.seed == seed_for_key(k) and c.decoder_sha256 == decoder.identity() for c, k in zip(parsed, KEYS))
+    assert all(c.seed == transmitted_seed(k) and c.decoder_sha256 == decoder.identity() for c, k in zip(parsed, KEYS))
     headers, symbols = zip(*(codec.decode_symbols(data) for data in streams))
     out = corrdiff_decode(decoder, codec, headers, symbols, parsed, TRANSMITTED_PERCEPTION)
     for o, replay, size in zip(out, encoder.replay, SIZES):

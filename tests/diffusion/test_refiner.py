@@ -19,9 +19,9 @@ from ncpipe.diffusion.refiner import (
     RefinerMismatchError,
     TrainedCodec,
     decoded_batch,
+    decoder_digest,
     load_refiner,
     read_refiner_checkpoint,
-    refiner_digest,
     save_refiner,
 )
 from ncpipe.models.checkpoint import CheckpointError
@@ -131,7 +131,7 @@ def test_refuses_a_codec_it_was_not_trained_for(codec, batch) -> None:
 def test_checkpoint_round_trip(codec, batch, tmp_path: Path) -> None:
     refiner = make_refiner(codec, latent_features=4, latent_channels=24, rate_conditioning=True)
     sha = save_refiner(refiner, tmp_path / "r.pt", {"purpose": "test"})
-    assert sha == refiner.sha256 == refiner_digest(read_refiner_checkpoint(tmp_path / "r.pt"))
+    assert sha == refiner.sha256 == decoder_digest(read_refiner_checkpoint(tmp_path / "r.pt"))
     loaded = load_refiner(tmp_path / "r.pt", expected_sha256=sha, codec_sha256=codec.model.identity.sha256)
     assert loaded.config == refiner.config and loaded.codecs == refiner.codecs and loaded.sha256 == sha
     assert loaded.provenance == {"purpose": "test"} and not loaded.training

@@ -9,8 +9,18 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 
 from ncpipe.io import storage
 from ncpipe.io.storage import (
-    StorageError, atomic_writer, exists, is_transient, list_files, read_bytes, remove, remove_partials, remove_tree,
-    retrying, size_of, write_bytes_atomic,
+    StorageError,
+    atomic_writer,
+    exists,
+    is_transient,
+    list_files,
+    read_bytes,
+    remove,
+    remove_partials,
+    remove_tree,
+    retrying,
+    size_of,
+    write_bytes_atomic,
 )
 from ncpipe.io.urls import join_url
 from tests.conftest import TEST_SECRET

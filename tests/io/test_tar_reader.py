@@ -6,9 +6,9 @@ import zlib
 
 import fsspec
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from fsspec.implementations.memory import MemoryFileSystem
 
 from ncpipe.io.tar_reader import Sample, ShardUnreadable, TarMember, iter_samples
 from tests.conftest import TEST_SECRET

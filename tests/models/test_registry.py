@@ -23,7 +23,7 @@ from ncpipe.models.checkpoint import (
     read_checkpoint,
     release_checkpoint,
 )
-from ncpipe.models.registry import list_models, load_model, resolve_model
+from ncpipe.models.registry import load_model, resolve_model
 from ncpipe.models.zoo import ZOO_MSE_LAMBDAS
 from ncpipe.train.codec_trainer import adapter_from_state
 from ncpipe.train.loop import load_state

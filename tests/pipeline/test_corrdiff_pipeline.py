@@ -15,10 +15,10 @@ from PIL import Image
 
 from ncpipe import bitstream as fmt
 from ncpipe.cli import main
+from ncpipe.cli.exit_status import EXIT_USAGE
 from ncpipe.codec import LearnedCodec, to_uint8_image
 from ncpipe.config import CompressConfig, ConfigError, DecompressConfig
 from ncpipe.diffusion.corrdiff import corrdiff_decode, load_corrdiff, read_corrections
-from ncpipe.exit_status import EXIT_USAGE
 from ncpipe.manifest import MANIFEST_SCHEMA, RESTORE_SCHEMA, read_manifest
 from ncpipe.models.checkpoint import load_codec_model
 from ncpipe.pipeline.jobs import restore_fingerprint

@@ -20,10 +20,10 @@ import pytest
 from PIL import Image
 
 from ncpipe.cli import main
-from ncpipe.config import CompressConfig, DecompressConfig
-from ncpipe.exit_status import EXIT_OK, EXIT_SAMPLE_ERRORS
+from ncpipe.cli.exit_status import EXIT_SAMPLE_ERRORS
+from ncpipe.config import CompressConfig
 from ncpipe.manifest import RESTORE_SCHEMA, read_manifest
-from ncpipe.pipeline.jobs import run_compress, run_decompress
+from ncpipe.pipeline.jobs import run_compress
 from ncpipe.reliability.verify import VerifyOptions, verify_archive
 from tests.factories import encoded, kodak_pixels
 from tests.helpers import member_offsets, tar_bytes

@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from ncpipe.cli import build_parser, main
+from ncpipe.cli.train import TRAIN_CODEC_FLAGS, train_codec_config
 from ncpipe.config import ConfigError
 from ncpipe.images import decode_image
 from ncpipe.operations.jobspec import spec_fields
 from ncpipe.train import codec_trainer
 from ncpipe.train.codec_trainer import CodecTrainConfig, train_codec
-from ncpipe.train.commands import TRAIN_CODEC_FLAGS, train_codec_config
 from ncpipe.train.data import load_training_images, training_sources
 from ncpipe.train.loop import load_state
 from tests.factories import BSDS, REPO_ROOT, TINY_HPARAMS
@@ -70,7 +70,7 @@ def test_every_config_field_has_a_flag(capsys):
     assert not missing, f"no flag for {missing}"
 
 
-class _RecordingProgress(codec_trainer.ProgressLog):
+class _RecordingProgress(codec_trainer.StepMeans):
     losses: list[float] = []
 
     def add(self, step: int, **values: float) -> None:
@@ -79,7 +79,7 @@ class _RecordingProgress(codec_trainer.ProgressLog):
 
 
 def test_tiny_model_loss_decreases_on_cpu(image_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(codec_trainer, "ProgressLog", _RecordingProgress)
+    monkeypatch.setattr(codec_trainer, "StepMeans", _RecordingProgress)
     _RecordingProgress.losses = []
     config = CodecTrainConfig(
         data=(str(image_dir),), run_dir=str(tmp_path / "run"), hparams=dict(TINY_HPARAMS), lambdas=(0.01,), steps=24,
@@ -214,7 +214,7 @@ def test_images_smaller_than_the_crop_are_skipped(tmp_path, caplog):
 
 
 def test_tiny_variable_rate_model_loss_decreases(image_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(codec_trainer, "ProgressLog", _RecordingProgress)
+    monkeypatch.setattr(codec_trainer, "StepMeans", _RecordingProgress)
     _RecordingProgress.losses = []
     config = CodecTrainConfig(
         data=(str(image_dir),), run_dir=str(tmp_path / "run"), hparams=dict(TINY_HPARAMS),

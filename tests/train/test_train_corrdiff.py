@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ncpipe.cli.corrdiff import register_train, train_corrdiff_config
 from ncpipe.codec import LearnedCodec
 from ncpipe.diffusion.corrdiff import CorrDiffDecoder, CorrDiffMismatchError, load_corrdiff
-from ncpipe.diffusion.corrdiff_commands import register_train, train_corrdiff_config
 from ncpipe.diffusion.refiner import TrainedCodec
 from ncpipe.train.corrdiff_trainer import YHAT_SOURCE, CorrDiffTrainConfig, corrdiff_loss, train_corrdiff
 from ncpipe.train.loop import load_state

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ncpipe.cli.refiner import register_train, train_refiner_config
 from ncpipe.codec import LearnedCodec
-from ncpipe.diffusion.commands import register_train, train_refiner_config
 from ncpipe.diffusion.refiner import Refiner, TrainedCodec, load_refiner
 from ncpipe.train.loop import load_state
 from ncpipe.train.refiner_trainer import (

@@ -12,6 +12,7 @@ import sys
 from typing import Callable, Sequence
 
 from ncpipe import __version__
+from ncpipe.cli.exit_status import EXIT_INTERRUPTED, EXIT_USAGE, add_allow_errors, job_exit_status
 from ncpipe.config import (
     DEFAULT_MODEL,
     RESTORE_CHOICES,
@@ -22,7 +23,6 @@ from ncpipe.config import (
     RecompressConfig,
 )
 from ncpipe.errors import NcpipeError
-from ncpipe.exit_status import EXIT_INTERRUPTED, EXIT_USAGE, add_allow_errors, job_exit_status
 from ncpipe.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_RESTORE_QUALITY
 from ncpipe.resources import demo_shards_dir
 
@@ -311,12 +311,12 @@ def _measured_text(card: dict) -> str:
 
 # Each command family registers its own subcommands: ``register(subparsers)`` in these modules.
 COMMAND_MODULES = (
-    "ncpipe.train.commands",
-    "ncpipe.evaluation.commands",
-    "ncpipe.reliability.commands",
-    "ncpipe.operations.commands",
-    "ncpipe.diffusion.commands",
-    "ncpipe.diffusion.corrdiff_commands",
+    "ncpipe.cli.train",
+    "ncpipe.cli.evaluate",
+    "ncpipe.cli.verify",
+    "ncpipe.cli.operations",
+    "ncpipe.cli.refiner",
+    "ncpipe.cli.corrdiff",
 )
 CORE_COMMANDS: Sequence[Callable] = (_add_compress, _add_decompress, _add_recompress, _add_demo, _add_manifest,
                                      _add_models)

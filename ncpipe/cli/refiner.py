@@ -92,7 +92,7 @@ def run_evaluation(args: argparse.Namespace, evaluate, config) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    _, written = evaluate(config, command=command_line())
+    _, written = evaluate(config, command=typed_command())
     print("\n".join(str(p) for p in written))
     return 0
 
@@ -172,7 +172,7 @@ def _train_refiner(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_line() -> str:
+def typed_command() -> str:
     """The command as typed, for the provenance of what it writes."""
     return "ncpipe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from ncpipe.diffusion.commands import (
+from ncpipe.cli.refiner import (
     add_evaluation_options,
     add_network_options,
     add_optimisation_options,
@@ -53,7 +53,8 @@ def _evaluate_corrdiff(args: argparse.Namespace) -> int:
 
     config = CorrDiffEvalConfig(
         codec=args.codec, corrdiff=args.corrdiff, refiners=tuple(args.refiner), refiner_steps=args.refiner_steps,
-        images=args.images, output=args.output, perceptions=args.perception, steps=args.corrdiff_steps, bits=args.corrdiff_bits,
+        images=args.images, output=args.output, perceptions=args.perception, steps=args.corrdiff_steps,
+        bits=args.corrdiff_bits,
         limit=args.max_images, device=args.device, qualities=tuple(args.qualities),
     )
     return run_evaluation(args, evaluate_corrdiff, config)

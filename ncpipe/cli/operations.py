@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import ncpipe
-from ncpipe.exit_status import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_allow_errors, job_exit_status
+from ncpipe.cli.exit_status import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_allow_errors, job_exit_status
 from ncpipe.io.urls import redact
 from ncpipe.operations.jobspec import JOB_KINDS
 

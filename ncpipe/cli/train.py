@@ -5,7 +5,7 @@
     ncpipe train codec [--spec jobs/train-codec.yaml] [--FIELD VALUE ...]  -> <run_dir>/train_state.pt
     ncpipe train release RUN_DIR --name NAME [--eval-images DIR]           -> models/NAME/{model.pt,card.json,...}
     ncpipe train import-zoo ARCH --quality Q [--file PATH] --name NAME     -> models/NAME/...
-    ncpipe train refiner | corrdiff ...  (ncpipe.diffusion.commands, ncpipe.diffusion.corrdiff_commands)
+    ncpipe train refiner | corrdiff ...  (ncpipe.cli.refiner, ncpipe.cli.corrdiff)
 
 A spec file is ``kind: <kind>`` plus ``spec:`` holding the config's fields (the shape
 ``ncpipe run SPEC`` dispatches on); flags given on the command line override the file.
@@ -29,7 +29,7 @@ TRAIN_CODEC_KIND = "train-codec"
 
 
 
-# -- spec files and command lines, shared with ncpipe.evaluation.commands ------------------
+# -- spec files and command lines, shared with ncpipe.cli.evaluate ------------------
 
 
 # -- ncpipe train codec ----------------------------------------------------------------------
@@ -322,8 +322,8 @@ def _import_zoo(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """``ncpipe train`` and its subcommands (the diffusion package adds its refiners and CorrDiff here too)."""
-    from ncpipe.diffusion import commands as refiner_commands
-    from ncpipe.diffusion import corrdiff_commands
+    from ncpipe.cli import corrdiff as corrdiff_commands
+    from ncpipe.cli import refiner as refiner_commands
 
     p = subparsers.add_parser("train", help="train codecs, release them into the registry, import zoo weights",
                               description="Training and model release commands.")
