@@ -113,8 +113,8 @@ def decode(data: bytes, model: str | None = None, device: str = "cpu",
 def _codecs(model: str | None, device: str):
     import torch
 
+    from ncpipe.codec_cache import CodecCache
     from ncpipe.device import resolve_device
-    from ncpipe.pipeline.decompress import CodecCache
 
     given = (model,) if model else ()
     return CodecCache(resolve_device(device), torch.get_num_threads(), given, only_given=bool(model))

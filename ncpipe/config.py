@@ -39,34 +39,46 @@ class ClusterConfig:
         _positive(self, "max_shard_attempts")
 
 
-@dataclass(frozen=True)
-class CompressConfig:
-    inputs: tuple[str, ...]
-    output: str
-    model: str = DEFAULT_MODEL  # registry name or checkpoint path
-    quality: int | None = None  # quality level of a variable-rate model, 1..n; None: the model's default
+@dataclass(frozen=True, kw_only=True)
+class CodingOptions:
+    """How a job's workers code images: the settings compress and recompress share."""
+
     batch_size: int = 8
     device: str = "auto"
-    overwrite: bool = False
     metrics: bool = True  # PSNR / MS-SSIM per sample (costs one synthesis per image)
     max_pixels: int = DEFAULT_MAX_PIXELS
     y_chunk_channels: int = 32
     coder_threads: int | None = None  # entropy-coding threads per worker; None: its CPUs
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_pixels", "y_chunk_channels"):
+            _positive(self, name)
+        _positive(self, "coder_threads", allow_none=True)
+
+    def coding_options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(CodingOptions)}
+
+
+@dataclass(frozen=True)
+class CompressConfig(CodingOptions):
+    inputs: tuple[str, ...]
+    output: str
+    model: str = DEFAULT_MODEL  # registry name or checkpoint path
+    quality: int | None = None  # quality level of a variable-rate model, 1..n; None: the model's default
+    overwrite: bool = False
     # CorrDiff: a decoder checkpoint whose correction coefficients the encoder computes and writes
     # into each bitstream (version 2); steps K and bits b default to the decoder's own.
     corrdiff: str | None = None
     corrdiff_steps: int | None = None
     corrdiff_bits: int | None = None
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ConfigError("inputs: at least one shard URL, pattern or directory is required")
         if not self.output:
             raise ConfigError("output: an output location is required")
-        for name in ("batch_size", "max_pixels", "y_chunk_channels"):
-            _positive(self, name)
-        _positive(self, "coder_threads", allow_none=True)
+        super().__post_init__()
         _in_range(self, "quality", 1, MAX_QUALITY, allow_none=True)
         _in_range(self, "corrdiff_steps", 1, MAX_CORRECTION_STEPS, allow_none=True)
         _in_range(self, "corrdiff_bits", 1, 8, allow_none=True)
@@ -90,7 +102,7 @@ class CompressConfig:
 
 
 @dataclass(frozen=True)
-class RecompressConfig:
+class RecompressConfig(CodingOptions):
     archive: str
     model: str  # the target model: registry name or checkpoint path
     quality: int | None = None  # the target model's quality level to re-encode at; None: its default
@@ -102,19 +114,11 @@ class RecompressConfig:
     transcode_only: bool = False  # never read originals; decode the old bitstreams instead
     decode_models: tuple[str, ...] = ()  # old models for transcoding that are not in the registry
     dry_run: bool = False
-    batch_size: int = 8
-    device: str = "auto"
-    metrics: bool = True
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    y_chunk_channels: int = 32
-    coder_threads: int | None = None
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         if not self.archive or not self.model:
             raise ConfigError("archive and model are required")
-        for name in ("batch_size", "max_pixels", "y_chunk_channels"):
-            _positive(self, name)
+        super().__post_init__()
         for name in ("min_psnr", "max_bpp"):
             _positive(self, name, allow_none=True)
         _in_range(self, "quality", 1, MAX_QUALITY, allow_none=True)
@@ -122,11 +126,8 @@ class RecompressConfig:
 
     def compress_config(self) -> CompressConfig:
         """The settings the shard workers encode with."""
-        return CompressConfig(
-            inputs=(self.archive,), output=self.archive, model=self.model, quality=self.quality,
-            batch_size=self.batch_size, device=self.device, metrics=self.metrics, max_pixels=self.max_pixels,
-            y_chunk_channels=self.y_chunk_channels, coder_threads=self.coder_threads, cluster=self.cluster,
-        )
+        return CompressConfig(inputs=(self.archive,), output=self.archive, model=self.model, quality=self.quality,
+                              **self.coding_options())
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"__init__", "errors"}),
     frozenset({"device", "images", "metrics", "io", "entropy", "bitstream", "manifest", "config", "resources",
                "progress"}),
-    frozenset({"models", "codec"}),
+    frozenset({"models", "codec", "codec_cache"}),
     frozenset({"diffusion"}),
     frozenset({"pipeline", "train", "evaluation", "reliability", "operations", "api"}),
     frozenset({"cli", "__main__"}),

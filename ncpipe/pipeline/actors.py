@@ -111,8 +111,8 @@ class RecompressActor(ShardActor):
     """Holds the target model, and decodes old bitstreams with the models they name."""
 
     def setup(self, config: RecompressConfig, threads: int, on_progress: Callable[[int], None]):
+        from ncpipe.codec_cache import CodecCache
         from ncpipe.pipeline.compress import ShardCompressor
-        from ncpipe.pipeline.decompress import CodecCache
         from ncpipe.pipeline.recompress import PreviousGeneration
 
         device = resolve_device(config.device)

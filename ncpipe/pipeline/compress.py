@@ -16,7 +16,6 @@ in that order; a shard counts as done only once its marker exists.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections import deque
@@ -33,7 +32,7 @@ from ncpipe.config import CompressConfig
 from ncpipe.diffusion.corrdiff import CorrDiffDecoder, attach_corrections, corrections_for_images
 from ncpipe.images import DecodedImage, ImageRefused, decode_image, is_image_member
 from ncpipe.io.image_shards import iter_shard_samples
-from ncpipe.io.storage import atomic_writer, write_bytes_atomic
+from ncpipe.io.storage import atomic_writer
 from ncpipe.io.tar_reader import Sample, ShardUnreadable, TarMember
 from ncpipe.io.tar_writer import TarShardWriter
 from ncpipe.io.urls import redact
@@ -46,7 +45,7 @@ from ncpipe.manifest import (
     printable_name,
     write_manifest_part,
 )
-from ncpipe.pipeline.layout import BITSTREAM_EXTENSION
+from ncpipe.pipeline.layout import BITSTREAM_EXTENSION, write_commit_marker
 from ncpipe.pipeline.stages import ShapeBatcher, map_ordered, read_ahead
 
 log = logging.getLogger(__name__)
@@ -378,20 +377,9 @@ class ShardCompressor:
         return metadata
 
     def _commit(self, task: ShardTask, stats: ShardStats, carried: dict) -> None:
-        marker = {
-            "input_url": redact(task.input_url),
-            "stem": task.stem,
-            "fingerprint": task.fingerprint,
-            "job_id": task.job_id,
-            "attempt": task.attempt,
-            "samples": stats.samples,
-            "ok": stats.ok,
-            "errors": stats.errors,
-            "shard_error": stats.shard_error,
-            "seconds": round(stats.seconds, 3),
-            **carried,
-        }
-        write_bytes_atomic(task.commit_url, json.dumps(marker, indent=2).encode())
+        write_commit_marker(task.commit_url, task.input_url, task.fingerprint, task.job_id, stem=task.stem,
+                            attempt=task.attempt, samples=stats.samples, ok=stats.ok, errors=stats.errors,
+                            shard_error=stats.shard_error, seconds=round(stats.seconds, 3), **carried)
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=True)

@@ -19,7 +19,6 @@ says why (``not refined: ...`` / ``not corrdiff-decoded: ...``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import posixpath
 import time
@@ -29,12 +28,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ncpipe import bitstream as fmt
 from ncpipe.codec import LatentSymbols, LearnedCodec, ModelMismatchError, to_uint8_image
+from ncpipe.codec_cache import CodecCache
 from ncpipe.config import DecompressConfig
 from ncpipe.diffusion.corrdiff import CorrDiffMismatchError, corrdiff_decode, load_corrdiff, read_corrections
 from ncpipe.diffusion.guidance import GuidanceConfig
@@ -45,10 +44,9 @@ from ncpipe.io.tar_reader import Sample, ShardUnreadable, TarMember, iter_sample
 from ncpipe.io.tar_writer import TarShardWriter
 from ncpipe.io.urls import join_url, redact
 from ncpipe.manifest import STATUS_ERROR, STATUS_OK, RestoreRow, printable_name, read_part, write_restore_part
-from ncpipe.models.checkpoint import CheckpointError
-from ncpipe.models.registry import describe_sha256, find_by_sha256, load_model
 from ncpipe.pipeline.committed import MANIFEST_ERRORS, SampleCheck, ShardExpectations
-from ncpipe.pipeline.compress import BITSTREAM_EXTENSION, ShardStats
+from ncpipe.pipeline.compress import ShardStats
+from ncpipe.pipeline.layout import BITSTREAM_EXTENSION, write_commit_marker
 from ncpipe.pipeline.stages import ShapeBatcher, map_ordered, read_ahead
 
 log = logging.getLogger(__name__)
@@ -146,54 +144,6 @@ class _EncodingBatch:
     started: float
 
 
-class CodecCache:
-    """Codecs by model SHA-256: the models given, and (unless ``only_given``) registry
-    models loaded on first use."""
-
-    def __init__(self, device: torch.device, threads: int, given: tuple[str, ...] = (), only_given: bool = False):
-        self.device = device
-        self.threads = threads
-        self.given = given
-        self.only_given = only_given
-        self.codecs: dict[str, LearnedCodec] = {}
-        self.unavailable: dict[str, str] = {}
-        for name in given:
-            self._add(load_model(name), name)
-
-    def _add(self, model, name: str) -> LearnedCodec:
-        codec = LearnedCodec(model.to(self.device), coder_threads=self.threads)
-        self.codecs[model.identity.sha256] = codec
-        log.info("loaded %s (%s)", name, model.identity.short)
-        return codec
-
-    def codec_for(self, header: fmt.BitstreamHeader) -> LearnedCodec:
-        """The codec for a bitstream's model, or :class:`ModelMismatchError` naming the one needed."""
-        sha = header.model_sha256
-        if sha in self.codecs:
-            return self.codecs[sha]
-        if sha not in self.unavailable:
-            ref = None if self.only_given else find_by_sha256(sha)
-            if ref is None:
-                given = f"; the model(s) given ({', '.join(self.given)}) differ" if self.given else ""
-                self.unavailable[sha] = (
-                    f"bitstream needs model {header.architecture} {describe_sha256(sha)}, "
-                    f"which is not available here{given}"
-                )
-            else:
-                try:
-                    return self._add(load_model(ref.name), ref.name)
-                except CheckpointError as err:
-                    self.unavailable[sha] = f"model {ref.name} needed by this bitstream failed to load: {err}"
-        raise ModelMismatchError(self.unavailable[sha])
-
-    def decode_pixels(self, data: bytes, max_pixels: int) -> tuple[fmt.BitstreamHeader, np.ndarray]:
-        """One bitstream -> (header, HxWx3 uint8), with whichever model wrote it."""
-        codec = self.codec_for(fmt.parse_header(data, max_pixels))
-        header, symbols = codec.decode_symbols(data, max_pixels)
-        (x_hat,) = codec.synthesise([header], [symbols])
-        return header, to_uint8_image(x_hat)
-
-
 class ShardDecompressor:
     def __init__(
         self,
@@ -231,9 +181,8 @@ class ShardDecompressor:
         stats.errors = sum(row.status == STATUS_ERROR for row in rows)
         stats.ok = stats.samples - stats.errors
         stats.seconds = time.perf_counter() - started
-        marker = {"input_url": redact(task.input_url), "fingerprint": task.fingerprint, "job_id": task.job_id,
-                  "samples": stats.samples, "errors": stats.errors, "seconds": round(stats.seconds, 3)}
-        write_bytes_atomic(task.commit_url, json.dumps(marker, indent=2).encode())
+        write_commit_marker(task.commit_url, task.input_url, task.fingerprint, task.job_id, samples=stats.samples,
+                            errors=stats.errors, seconds=round(stats.seconds, 3))
         return stats
 
     def _sink(self, task: RestoreTask) -> "_TarSink | _DirectorySink":

@@ -42,7 +42,9 @@ from ncpipe.pipeline.layout import (
     ArchiveLayout,
     GenerationLayout,
     RestoreLayout,
+    find_generation,
     generation_name,
+    is_committed,
     manifest_part_of,
     output_stems,
 )
@@ -170,14 +172,6 @@ def replace_later_generations(archive: ArchiveLayout, overwrite: bool) -> None:
         )
     log.warning("overwriting %s: removing generations %s", redact(archive.root), ", ".join(later))
     archive.remove_generations(later)
-
-
-def is_committed(marker_url: str, input_url: str, fingerprint: str) -> bool:
-    """A shard is done when its commit marker exists and records this configuration."""
-    if not exists(marker_url):
-        return False
-    marker = json.loads(read_bytes(marker_url))
-    return marker.get("fingerprint") == fingerprint and marker.get("input_url") == redact(input_url)
 
 
 @releases_locks
@@ -370,15 +364,9 @@ def bitstream_shards(specs: tuple[str, ...]) -> tuple[list[ArchiveShard], dict[s
     """Archive root, generation directory or shard specs -> (shards, the archive's job.json). An
     archive's shards are those its commit markers name (and uncommitted ones, to report), never a
     listing of its tars."""
-    if len(specs) == 1:
-        archive = ArchiveLayout(specs[0])
-        current = archive.current_generation()
-        candidates = [archive.generation(current)] if current else []
-        candidates.append(GenerationLayout(specs[0]))
-        for generation in candidates:
-            if exists(generation.job_file):
-                job = json.loads(read_bytes(generation.job_file))
-                return archive_shards(generation), job
+    generation = find_generation(specs[0]) if len(specs) == 1 else None
+    if generation is not None:
+        return archive_shards(generation), json.loads(read_bytes(generation.job_file))
     return [ArchiveShard(url) for url in expand_inputs(specs)], None
 
 

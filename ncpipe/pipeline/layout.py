@@ -18,13 +18,14 @@ shard's file name; two inputs with the same name get a short hash of their URL.
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 import re
 from collections import Counter
 from dataclasses import dataclass
 
 from ncpipe.io.storage import exists, list_files, read_bytes, remove, remove_tree, write_bytes_atomic
-from ncpipe.io.urls import join_url, shard_stem
+from ncpipe.io.urls import join_url, redact, shard_stem
 
 CURRENT_FILE = "CURRENT"
 LOCK_FILE = "_LOCK"
@@ -159,3 +160,32 @@ class RestoreLayout:
     @property
     def commits_dir(self) -> str:
         return join_url(self.root, "_commits")
+
+
+def write_commit_marker(url: str, input_url: str, fingerprint: str, job_id: str, **accounting) -> None:
+    """A shard's commit marker, written after its outputs: the shard counts as done once it exists."""
+    marker = {"input_url": redact(input_url), "fingerprint": fingerprint, "job_id": job_id, **accounting}
+    write_bytes_atomic(url, json.dumps(marker, indent=2).encode())
+
+
+def read_commit_marker(url: str) -> dict:
+    return json.loads(read_bytes(url))
+
+
+def is_committed(marker_url: str, input_url: str, fingerprint: str) -> bool:
+    """A shard is done when its commit marker exists and records this configuration."""
+    if not exists(marker_url):
+        return False
+    marker = read_commit_marker(marker_url)
+    return marker.get("fingerprint") == fingerprint and marker.get("input_url") == redact(input_url)
+
+
+def find_generation(url: str) -> GenerationLayout | None:
+    """The generation a reader of ``url`` means: an archive root's current one (through ``CURRENT``),
+    or ``url`` itself when it is a generation directory; None when it is neither."""
+    archive = ArchiveLayout(url)
+    current = archive.current_generation()
+    for generation in ([archive.generation(current)] if current else []) + [GenerationLayout(url)]:
+        if exists(generation.job_file):
+            return generation
+    return None

@@ -33,6 +33,7 @@ from typing import Iterator
 
 from ncpipe.bitstream import BitstreamError, image_metadata
 from ncpipe.codec import ModelMismatchError
+from ncpipe.codec_cache import CodecCache
 from ncpipe.errors import NcpipeError
 from ncpipe.images import DecodedImage
 from ncpipe.io.storage import exists
@@ -40,7 +41,6 @@ from ncpipe.io.tar_reader import Sample, iter_samples
 from ncpipe.manifest import STATUS_OK, ManifestRow
 from ncpipe.models.registry import find_by_sha256, resolve_model
 from ncpipe.pipeline.compress import Prepared, ShardTask, prepare
-from ncpipe.pipeline.decompress import CodecCache
 from ncpipe.pipeline.layout import BITSTREAM_EXTENSION
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +32,9 @@ import torch
 
 from ncpipe import bitstream as fmt
 from ncpipe.codec import LatentSymbols, LearnedCodec, ModelMismatchError
+from ncpipe.codec_cache import CodecCache
 from ncpipe.config import ConfigError
+from ncpipe.device import resolve_device
 from ncpipe.entropy import rans
 from ncpipe.images import DEFAULT_MAX_PIXELS
 from ncpipe.io.storage import exists, read_bytes
@@ -49,8 +50,13 @@ from ncpipe.manifest import (
     printable_name,
     read_part,
 )
-from ncpipe.pipeline.compress import BITSTREAM_EXTENSION
-from ncpipe.pipeline.layout import ArchiveLayout, GenerationLayout
+from ncpipe.pipeline.layout import (
+    BITSTREAM_EXTENSION,
+    ArchiveLayout,
+    GenerationLayout,
+    find_generation,
+    read_commit_marker,
+)
 from ncpipe.progress import Progress
 
 HEADER_CHUNK = "header"
@@ -214,13 +220,10 @@ def locate_generation(url: str) -> tuple[GenerationLayout, dict[str, Any], list[
     archive = ArchiveLayout(url)
     current = archive.current_generation()
     problems: list[Problem] = []
-    if current:
-        generation = archive.generation(current)
-        if not exists(generation.job_file):
-            raise ConfigError(f"{redact(url)}: CURRENT names generation {current!r}, which has no job.json")
-    elif exists(GenerationLayout(url).job_file):
-        generation = GenerationLayout(url)
-    else:
+    generation = find_generation(url)
+    if generation is None and current:
+        raise ConfigError(f"{redact(url)}: CURRENT names generation {current!r}, which has no job.json")
+    if generation is None:
         candidates = sorted(p for p in _relative_files(url)
                             if posixpath.basename(p) == "job.json" and p.count("/") == 1)
         if not candidates:
@@ -271,7 +274,7 @@ class _ShardVerifier:
     """Reconciles one shard's commit marker, manifest part and output tar, and checks its bitstreams."""
 
     def __init__(self, stem: str, generation: GenerationLayout, job: dict[str, Any],
-                 models: ModelCache, options: VerifyOptions, pool: ThreadPoolExecutor):
+                 models: CodecCache, options: VerifyOptions, pool: ThreadPoolExecutor):
         self.stem, self.generation, self.job = stem, generation, job
         self.models, self.options, self.pool = models, options, pool
         self.result = ShardResult(stem)
@@ -302,7 +305,7 @@ class _ShardVerifier:
 
     def _check_marker(self, rows: list[dict[str, Any]]) -> None:
         try:
-            marker = json.loads(read_bytes(self.generation.commit_marker(self.stem)))
+            marker = read_commit_marker(self.generation.commit_marker(self.stem))
         except (OSError, ValueError) as err:
             self.problem(f"commit marker unreadable: {redact(str(err))}")
             return
@@ -411,7 +414,7 @@ class _ShardVerifier:
 
     def _check_one(self, data: bytes) -> tuple[BitstreamCheck, str | None]:
         try:
-            codec = self.models.get(fmt.parse_header(data, self.options.max_pixels).model_sha256)
+            codec = self.models.lookup(fmt.parse_header(data, self.options.max_pixels).model_sha256)
         except fmt.BitstreamError:
             codec = None  # check_bitstream reports the header
         check = check_bitstream(data, codec, self.options.max_pixels)
@@ -452,49 +455,6 @@ def _key_of_member(name: str) -> str:
 # -- the archive ------------------------------------------------------------------------
 
 
-class ModelCache:
-    """Codecs by model SHA-256 (a generation may hold bitstreams of several models after a
-    recompression): the ``--model`` given, else the registry's model with that digest."""
-
-    def __init__(self, model: str | None, device: str, threads: int):
-        from ncpipe.device import resolve_device
-
-        self.device, self.threads = resolve_device(device), threads
-        self.codecs: dict[str, LearnedCodec] = {}
-        self.unavailable: dict[str, str] = {}
-        self.lock = threading.Lock()
-        if model:
-            codec = self._load(model)
-            self.codecs[codec.model.identity.sha256] = codec
-
-    def _load(self, name: str) -> LearnedCodec:
-        from ncpipe.models.registry import load_model
-
-        return LearnedCodec(load_model(name).to(self.device), coder_threads=self.threads)
-
-    def get(self, sha256: str) -> LearnedCodec | None:
-        """The codec for ``sha256``, or None (the reason is kept in ``unavailable``)."""
-        from ncpipe.models.checkpoint import CheckpointError
-        from ncpipe.models.registry import describe_sha256, find_by_sha256
-
-        with self.lock:
-            if sha256 in self.codecs or sha256 in self.unavailable:
-                return self.codecs.get(sha256)
-            ref = find_by_sha256(sha256)
-            if ref is None:
-                self.unavailable[sha256] = f"model {describe_sha256(sha256)} is not available here (pass --model)"
-                return None
-            try:
-                self.codecs[sha256] = self._load(ref.name)
-            except CheckpointError as err:
-                self.unavailable[sha256] = f"model {ref.name} could not be loaded: {err}"
-            return self.codecs.get(sha256)
-
-    def close(self) -> None:
-        for codec in self.codecs.values():
-            codec.close()
-
-
 def verify_archive(url: str, model: str | None = None, device: str = "cpu",
                    options: VerifyOptions = VerifyOptions()) -> VerifyReport:
     """Check a whole archive (its current generation); see the module docstring for what is checked."""
@@ -502,7 +462,7 @@ def verify_archive(url: str, model: str | None = None, device: str = "cpu",
     generation, job, problems = locate_generation(url)
     stems, strays = _stems_and_strays(generation)
     problems += strays
-    models = ModelCache(model, device, options.threads)
+    models = CodecCache(resolve_device(device), options.threads, (model,) if model else ())
     everything = set().union(*stems.values())
     for stem in sorted(everything - stems["_commits"]):
         present = ", ".join(f"{d}/" for d in _LAYOUT_DIRS if stem in stems[d])
