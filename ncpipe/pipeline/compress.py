@@ -99,7 +99,7 @@ class SampleSource(Protocol):
     def items(self, task: ShardTask, pool: ThreadPoolExecutor) -> Iterator[Prepared]: ...
 
 
-class InputShard:
+class InputShardSamples:
     """The input shard's samples (a tar, or image files), decoded on the pool, in order."""
 
     def __init__(self, config: CompressConfig):
@@ -163,7 +163,7 @@ class ShardCompressor:
         self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
         self.on_progress = on_progress
         self.corrdiff = corrdiff  # when given, every bitstream carries its correction coefficients
-        self.source = source or InputShard(config)
+        self.source = source or InputShardSamples(config)
 
     def run(self, task: ShardTask) -> ShardStats:
         started = time.perf_counter()
