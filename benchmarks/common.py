@@ -79,7 +79,7 @@ def demo_wall_seconds(device: str = "auto") -> float:
 
 
 def print_targets(targets: list[tuple[str, float | None, str, float]]) -> None:
-    """Issue 18's targets as measured in this run: (what, value, ">=" or "<=", target)."""
+    """The CPU targets (docs/performance.md) as measured in this run: (what, value, ">=" or "<=", target)."""
     print("targets (this run):")
     for name, value, op, target in targets:
         if value is None:

@@ -9,7 +9,7 @@
 (d) classical decoders (imagecodecs), one image per CPU core at a time.
 (e) with ``--refiner``: NC-Diffusion refinement images/s for each number of steps.
 
-Ends with issue 18's target as measured in this run: the restore job against CompressAI's loop.
+Ends with the CPU target (docs/performance.md) as measured in this run: the restore job against CompressAI's loop.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@
 (d) classical encoders (imagecodecs) at a mid quality, one image per CPU core at a time.
 (e) ``ncpipe demo``'s wall time (compress + restore of the shipped samples, fresh process), run first.
 
-Prints a table with the ratios (b)/(a), (b)/(c), (b)/(d), then issue 18's targets as measured in this
+Prints a table with the ratios (b)/(a), (b)/(c), (b)/(d), then the CPU targets (docs/performance.md) as measured in this
 run (ratios against the CompressAI loop, the demo's seconds), and writes it all as JSON.
 Runs small on a CPU machine and full on a GPU machine (``--device cuda``).
 """
