@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from ncpipe.cli import build_parser, main
+from ncpipe.cli import evaluate as commands
 from ncpipe.codec import LearnedCodec
-from ncpipe.evaluation import baselines, commands, run
+from ncpipe.evaluation import baselines, run
 from ncpipe.evaluation.learned import load_image_set
 from ncpipe.evaluation.run import BdEntry, SummaryRow, bd_table
 from ncpipe.models.cards import write_card
