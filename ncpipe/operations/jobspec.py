@@ -45,6 +45,8 @@ JOB_KINDS: dict[str, JobKind] = {
     "decompress": JobKind("ncpipe.config:DecompressConfig", "ncpipe.pipeline.jobs:run_decompress"),
     "evaluate": JobKind("ncpipe.evaluation.run:EvaluateConfig", "ncpipe.evaluation.run:evaluate_job"),
     "train-codec": JobKind("ncpipe.train.codec_trainer:CodecTrainConfig", "ncpipe.train.codec_trainer:train_codec"),
+    "train-refiner": JobKind("ncpipe.train.refiner_trainer:RefinerTrainConfig",
+                             "ncpipe.train.refiner_trainer:train_refiner"),
     "recompress": JobKind("ncpipe.config:RecompressConfig", "ncpipe.pipeline.jobs:run_recompress"),
 }
 

@@ -75,7 +75,7 @@ def test_every_registered_kind_imports_a_config_dataclass_and_a_run_function(kin
 
 
 # Specs whose data is the user's: the field is left out, and the spec says which flag gives it.
-NEEDS_ARGUMENT = {"train-codec.yaml": "data"}
+NEEDS_ARGUMENT = {"train-codec.yaml": "data", "train-refiner.yaml": "data"}
 
 
 @pytest.mark.parametrize("path", sorted((REPO_ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)

@@ -303,7 +303,7 @@ def test_submit_runs_the_uploaded_ncpipe_and_follows_the_job_to_success(finished
     assert f"from {ray_head.temp_dir}/session_" in out and "/runtime_resources/working_dir_files/" in out
     assert "samples     4: 4 ok, 0 error rows" in out
     assert out.rstrip().splitlines()[-1] == f"{submission_id} SUCCEEDED"
-    assert "is an absolute local path: the job reads it on the cluster's nodes" in result.stderr
+    assert "is an absolute local path: the job writes it on the cluster's nodes" in result.stderr
     archive = working_dir.parent / "archive"
     assert (archive / "CURRENT").read_text() == "g0000\n"
     rows = pq.read_table(archive / "g0000" / "manifest" / "tiny-000000.parquet").to_pylist()
