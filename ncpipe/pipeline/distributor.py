@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ncpipe.config import ClusterConfig, ConfigError
 from ncpipe.errors import NcpipeError
@@ -246,7 +247,10 @@ class ProgressLog:
         # Workers find the counter by name: an actor handle passed as a constructor
         # argument would make Ray unable to restart a crashed worker safely.
         self.counter_name = f"ncpipe-progress-{label}-{os.getpid()}-{time.time_ns()}"
-        self.counter = ProgressCounter.options(name=self.counter_name).remote()
+        # On the driver's node: a counter on a worker node would die with that node.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.counter = ProgressCounter.options(name=self.counter_name, scheduling_strategy=here).remote()
+        self.images = 0
         self.progress = Progress(total_shards, unit="shards", label=label)
         self.measure = measure  # a task -> its input bytes
         self.interval = TERMINAL_TICK_SECONDS if self.progress.terminal else PROGRESS_EVERY_SECONDS
@@ -262,5 +266,8 @@ class ProgressLog:
         self.progress.nbytes += self.measure(task)
 
     def tick(self, force: bool = False) -> None:
-        images = ray.get(self.counter.get.remote())
-        self.progress.update(self.progress.done, images=images, force=force)
+        try:
+            self.images = ray.get(self.counter.get.remote())
+        except _ACTOR_LOST:  # progress is a report, never a reason to fail the job
+            log.debug("progress counter unavailable; images done shown as %d", self.images)
+        self.progress.update(self.progress.done, images=self.images, force=force)

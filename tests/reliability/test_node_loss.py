@@ -24,7 +24,7 @@ from tests.factories import encoded, kodak_pixels
 from tests.helpers import tar_bytes
 
 REPO = Path(__file__).resolve().parents[2]
-COUNT = 300  # about 5 s of coding on one CPU: a window wide enough to land the kill in
+COUNT = 600  # about 10 s of coding on one CPU: a window wide enough to land the kill in, under load too
 
 
 def _shard(path: Path) -> None:
@@ -74,7 +74,9 @@ def test_losing_the_node_of_the_codec_actor_mid_shard(tmp_path, tiny_model_path)
         deadline = time.monotonic() + 300
         node = None
         while node is None or not _shard_under_way(output):
-            assert time.monotonic() < deadline and driver.poll() is None, "the shard never got under way"
+            if driver.poll() is not None:
+                pytest.fail(f"the job ended (exit {driver.returncode}) before the kill landed:\n{driver.stdout.read()}")
+            assert time.monotonic() < deadline, "the shard never got under way"
             node = _running_node(cluster)
             time.sleep(0.05)
         cluster.remove_node(node, allow_graceful=False)
