@@ -56,8 +56,11 @@ def _shard_under_way(output: Path) -> bool:
 
 @pytest.mark.slow
 def test_losing_the_node_of_the_codec_actor_mid_shard(tmp_path, tiny_model_path):
+    import ray
     from ray.cluster_utils import Cluster
 
+    # Earlier tests leave an embedded Ray in this process; the cluster below must be the only one it knows.
+    ray.shutdown()
     _shard(tmp_path / "in" / "big.tar")
     output = tmp_path / "out"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
@@ -71,7 +74,7 @@ def test_losing_the_node_of_the_codec_actor_mid_shard(tmp_path, tiny_model_path)
              "--model", str(tiny_model_path), "--address", cluster.address, "--workers", "1",
              "--cpus-per-worker", "1", "--batch-size", "4", "--no-metrics"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 150
         node = None
         while node is None or not _shard_under_way(output):
             if driver.poll() is not None:
