@@ -205,12 +205,7 @@ class CodecModel:
 
     def check_quality(self, quality: int) -> None:
         """Raise unless ``quality`` (0 for a fixed-rate model) is one this model codes at."""
-        if self.quality is None:
-            if quality != 0:
-                raise QualityError(f"{self.identity.short} is a fixed-rate model: it has no quality {quality}")
-        elif not 1 <= quality <= len(self.quality.lambdas):
-            raise QualityError(f"quality {quality} is outside 1..{len(self.quality.lambdas)} "
-                               f"of {self.identity.short}")
+        check_quality_level(quality, len(self.quality.lambdas) if self.quality else None, self.identity.short)
 
     def rate_of(self, quality: int) -> float:
         """λ of a quality level (the model's own λ for a fixed-rate model, quality 0)."""
@@ -239,6 +234,16 @@ class QualityLevels:
     lambdas: tuple[float, ...]
     default: int
     steps: torch.Tensor  # float32 (n, M)
+
+
+def check_quality_level(quality: int, levels: int | None, model: str) -> None:
+    """Raise unless ``quality`` (0 for a fixed-rate model) is a level of a model with ``levels`` quality
+    levels (None: a fixed-rate model); ``model`` names it in the message."""
+    if levels is None:
+        if quality != 0:
+            raise QualityError(f"{model} is a fixed-rate model: it has no quality {quality}")
+    elif not 1 <= quality <= levels:
+        raise QualityError(f"quality {quality} is outside 1..{levels} of {model}")
 
 
 def _quality_levels(checkpoint: dict[str, Any], channels: int) -> QualityLevels | None:

@@ -33,8 +33,8 @@ from ncpipe.io.storage import (
 )
 from ncpipe.io.urls import check_output_outside_inputs, expand_inputs, redact, shard_stem
 from ncpipe.manifest import RESTORE_SCHEMA, STATUS_ERROR, STATUS_OK, read_manifest
-from ncpipe.models.checkpoint import model_digest, read_checkpoint
-from ncpipe.models.registry import describe_sha256, find_by_sha256, load_model, resolve_model
+from ncpipe.models.checkpoint import check_quality_level, model_digest, read_checkpoint
+from ncpipe.models.registry import describe_sha256, find_by_sha256, resolve_model
 from ncpipe.pipeline.committed import ArchiveShard, archive_shards
 from ncpipe.pipeline.distributor import PoolOutcome, ProgressLog, connect, plan_workers, run_on_actors
 from ncpipe.pipeline.layout import (
@@ -116,15 +116,18 @@ def model_sha256_of(model: str) -> str:
     return ref.expected_sha256 or model_digest(read_checkpoint(ref.checkpoint))
 
 
-def coding_quality(model: str, quality: int | None) -> int:
-    """The quality level ``model`` codes at: ``quality``, or the model's default (0: a fixed-rate model).
+def coding_quality(model: str, sha256: str, quality: int | None) -> int:
+    """The quality level ``model`` (model SHA-256 ``sha256``) codes at: ``quality``, or the model's default
+    (0: a fixed-rate model).
 
     Checked here, in the driver, so a level the model lacks fails the job at once with one
-    :class:`QualityError` naming the model's levels, instead of failing every shard on the actors."""
-    loaded = load_model(model)
+    :class:`QualityError` naming the model's levels, instead of failing every shard on the actors. Read
+    from the checkpoint, without building the model (the driver never imports CompressAI)."""
+    checkpoint = read_checkpoint(resolve_model(model).checkpoint)
+    levels = checkpoint.get("quality")
     if quality is None:
-        return loaded.quality.default if loaded.variable_rate else 0
-    loaded.check_quality(quality)
+        return int(levels["default"]) if levels else 0
+    check_quality_level(quality, len(levels["lambdas"]) if levels else None, f"{checkpoint['arch']}@{sha256[:12]}")
     return quality
 
 
@@ -184,7 +187,7 @@ def run_compress(config: CompressConfig) -> CompressSummary:
     shards = input_shards(expand_inputs(config.inputs))
     sha256 = model_sha256_of(config.model)
     if config.quality is not None:  # the model's default needs no check (nor loading the model here)
-        coding_quality(config.model, config.quality)
+        coding_quality(config.model, sha256, config.quality)
     corrdiff_sha256 = corrdiff_sha256_of(config.corrdiff, sha256) if config.corrdiff else None
     fingerprint = with_grouping(config.coding_fingerprint(sha256, corrdiff_sha256), shards)
     job_id = new_job_id(fingerprint)
@@ -519,7 +522,7 @@ def run_recompress(config: RecompressConfig) -> RecompressSummary:
         raise ConfigError(f"{redact(config.archive)} has no CURRENT generation: not an ncpipe archive")
     previous = archive.generation(current)
     target_sha = model_sha256_of(config.model)
-    target = CodingTarget(target_sha, coding_quality(config.model, config.quality))
+    target = CodingTarget(target_sha, coding_quality(config.model, target_sha, config.quality))
     policy = RecompressPolicy(config.older_than_model, config.min_psnr, config.max_bpp, config.quality_above)
     cutoff = policy_cutoff(policy)
     table = read_manifest(previous.manifest_dir)
