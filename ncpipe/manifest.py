@@ -97,7 +97,9 @@ class RestoreRow:
 
     job_id: str = field(metadata=_doc("the restore job that wrote the row"))
     source_url: str = field(metadata=_doc("the bitstream shard read (credentials redacted)"))
-    sample_index: int = field(metadata=_arrow(pa.int32(), "position in the bitstream shard; -1: shard-level error"))
+    sample_index: int = field(metadata=_arrow(
+        pa.int32(), "the sample's sample_index in the archive manifest (its input position; its position in the "
+        "shard for bare shards); -1: a sample the manifest does not list, or a shard-level error"))
     key: str = field(metadata=_doc("the sample's key"))
     member: str | None = field(default=None, metadata=_doc("the .ncb member decoded"))
     output: str | None = field(default=None, metadata=_doc("where the restored image (or the unchanged sample) went"))
