@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Iterable
 
 from ncpipe.images import IMAGE_EXTENSIONS
-from ncpipe.io.urls import InputError
+from ncpipe.io.urls import InputError, is_image_name
 
 GLOB_CHARS = frozenset("*?[")
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+    return path.is_file() and is_image_name(path.name)
 
 
 def images_under(folder: Path) -> list[Path]:
