@@ -12,7 +12,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -104,16 +104,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+SUMMARY_MEANS = ("bpp", "psnr", "ms_ssim", "encode_seconds", "decode_seconds")  # ImageResult fields averaged
+
+
+def result_means(results: Sequence[Any]) -> dict[str, float]:
+    """The mean of each of :data:`SUMMARY_MEANS` over ``results`` (ImageResults, or rows with those fields)."""
+    return {key: statistics.fmean(getattr(r, key) for r in results) for key in SUMMARY_MEANS}
+
+
 def summarise_results(results: list[ImageResult], dataset: str, command: str) -> dict[str, Any]:
     """Mean bpp/PSNR/MS-SSIM/timings over images, with provenance."""
     summary = {
         "dataset": dataset,
         "images": len(results),
-        "bpp": statistics.fmean(r.bpp for r in results),
-        "psnr": statistics.fmean(r.psnr for r in results),
-        "ms_ssim": statistics.fmean(r.ms_ssim for r in results),
-        "encode_seconds": statistics.fmean(r.encode_seconds for r in results),
-        "decode_seconds": statistics.fmean(r.decode_seconds for r in results),
+        **result_means(results),
         "date": now_utc(),
         "machine": machine_description(),
         "command": command,

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from ncpipe import __version__
 from ncpipe.config import ConfigError
 from ncpipe.evaluation.baselines import BASELINE_NAMES, ClassicalCodec, get_baselines, sweep
 from ncpipe.evaluation.bdrate import bd_psnr, bd_rate
-from ncpipe.evaluation.learned import ImageResult, evaluate_model, load_image_set, summarise_results
+from ncpipe.evaluation.learned import ImageResult, evaluate_model, load_image_set, result_means, summarise_results
 from ncpipe.evaluation.plots import plot_rd
 from ncpipe.io.image_files import list_image_files
 from ncpipe.io.storage import atomic_writer
@@ -208,9 +207,6 @@ def evaluate_checkpoint(ref: ModelRef, images: list[tuple[str, np.ndarray]], dev
         codec.close()
 
 
-CARD_MEANS = ("bpp", "psnr", "ms_ssim", "encode_seconds", "decode_seconds")
-
-
 def card_evaluation(results: list[ImageResult], dataset: str, command: str, device: str,
                     default_quality: int | None = None) -> dict[str, Any]:
     """The card entry for one model's measurement (means computed as the summary's).
@@ -229,7 +225,7 @@ def card_evaluation(results: list[ImageResult], dataset: str, command: str, devi
         raise ValueError(f"default quality {default_quality} is not among the measured levels {sorted(levels)}")
     qualities = [
         {"quality": q, "lambda": float(members[0].rate),
-         **{key: statistics.fmean(getattr(r, key) for r in members) for key in CARD_MEANS}}
+         **result_means(members)}
         for q, members in sorted(levels.items())
     ]
     return {**summarise_results(levels[default_quality], dataset, command), "device": device,
@@ -363,15 +359,11 @@ def summarise(rows: Sequence[EvaluationRow]) -> list[SummaryRow]:
         groups.setdefault((row.codec, row.rate_point), []).append(row)
     summary = []
     for members in groups.values():
-        first = members[0]
-        ms_ssim = statistics.fmean(r.ms_ssim for r in members)
+        first, means = members[0], result_means(members)
         summary.append(SummaryRow(
             kind=first.kind, series=first.series, codec=first.codec, rate_point=first.rate_point,
-            rate_parameter=first.rate_parameter, quality=first.quality, images=len(members),
-            bpp=statistics.fmean(r.bpp for r in members), psnr=statistics.fmean(r.psnr for r in members),
-            ms_ssim=ms_ssim, ms_ssim_db=ms_ssim_db(ms_ssim),
-            encode_seconds=statistics.fmean(r.encode_seconds for r in members),
-            decode_seconds=statistics.fmean(r.decode_seconds for r in members),
+            rate_parameter=first.rate_parameter, quality=first.quality, images=len(members), **means,
+            ms_ssim_db=ms_ssim_db(means["ms_ssim"]),
         ))
     return summary
 
