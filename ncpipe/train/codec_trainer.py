@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from ncpipe.models.architectures import HyperpriorAdapter, build_adapter
 from ncpipe.train.data import RandomCrops, load_training_images
 from ncpipe.train.loop import (
     StepMeans,
-    StopRequest,
+    TrainingWindow,
     load_state,
     save_state,
     step_learning_rate,
@@ -144,9 +143,9 @@ def train_codec(config: CodecTrainConfig) -> Path:
     progress = StepMeans(config.steps, config.log_every)
     log.info("training %s %s λ=%s on %s from step %d", config.arch, config.hparams,
              ",".join(f"{v:g}" for v in config.lambdas), device, start)
-    started = saved_at = time.monotonic()
     step = start
-    with StopRequest() as stop:
+    with TrainingWindow(config.steps, config.checkpoint_every, config.checkpoint_minutes,
+                        config.max_minutes) as window:
         while step < config.steps:
             for group in main_opt.param_groups:
                 group["lr"] = step_learning_rate(step, config.steps, config.lr, config.lr_decay_at)
@@ -155,16 +154,12 @@ def train_codec(config: CodecTrainConfig) -> Path:
                                  amp_dtype, config.clip_grad_norm)
             progress.add(step, **values)
             step += 1
-            now = time.monotonic()
-            out_of_time = config.max_minutes is not None and now - started >= 60 * config.max_minutes
-            if (step % config.checkpoint_every == 0 or step == config.steps or out_of_time or stop.requested
-                    or now - saved_at >= 60 * config.checkpoint_minutes):
+            due, end = window.after(step)
+            if due:
                 _save(adapter, main_opt, aux_opt, run_dir, config, step)
-                saved_at = time.monotonic()
-            if out_of_time or stop.requested:
-                why = f"--max-minutes {config.max_minutes:g} reached" if out_of_time else "interrupted"
-                log.info("stopping at step %d of %d (%s): the state is saved; run again to resume",
-                         step, config.steps, why)
+                window.saved()
+            if end:
+                window.log_end(step)
                 break
     return run_dir
 

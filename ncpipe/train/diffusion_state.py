@@ -35,7 +35,7 @@ from ncpipe.diffusion.refiner import jsonable
 from ncpipe.diffusion.unet import UNetConfig
 from ncpipe.train.data import load_training_images
 from ncpipe.train.ema import EmaWeights
-from ncpipe.train.loop import StepMeans, StopRequest, load_state, save_state, step_learning_rate
+from ncpipe.train.loop import StepMeans, TrainingWindow, load_state, save_state, step_learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -211,26 +211,22 @@ def run_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, crops, o
     generator = torch.Generator().manual_seed(options.seed * 1_000_003 + start)
     amp_dtype = autocast_dtype(device, options.amp)
     progress, last_loss = StepMeans(options.steps, options.log_every), math.nan
-    started = saved_at = time.monotonic()
-    with StopRequest() as stop:
+    with TrainingWindow(options.steps, options.checkpoint_every, options.checkpoint_minutes,
+                        options.max_minutes) as window:
         for step in range(start, options.steps):
             last_loss = _one_step(model, optimizer, crops, options, device, step, batch_loss, generator, amp_dtype,
                                   progress)
             if resumed.ema is not None:
                 resumed.ema.update(model)
-            now = time.monotonic()
-            out_of_time = options.max_minutes is not None and now - started >= 60 * options.max_minutes
-            if ((step + 1) % options.checkpoint_every == 0 or step + 1 == options.steps or out_of_time
-                    or stop.requested or now - saved_at >= 60 * options.checkpoint_minutes):
+            due, end = window.after(step + 1)
+            if due:
                 if release_best is not None:
                     resumed.best_validation = release_best(released_network(model, resumed), step + 1,
                                                            resumed.best_validation)
                 save(model, optimizer, run_dir, state_spec, options, step + 1, resumed)
-                saved_at = time.monotonic()
-            if out_of_time or stop.requested:
-                why = f"max_minutes {options.max_minutes:g} reached" if out_of_time else "interrupted"
-                log.info("stopping at step %d of %d (%s): the state is saved; run again to resume",
-                         step + 1, options.steps, why)
+                window.saved()
+            if end:
+                window.log_end(step + 1)
                 break
     return last_loss
 
@@ -245,8 +241,9 @@ def _one_step(model, optimizer, crops, options: DiffusionTrainOptions, device, s
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
     optimizer.step()
-    progress.add(step, loss=loss.item(), **logged)
-    return loss.item()
+    value = loss.item()  # one device synchronisation per step
+    progress.add(step, loss=value, **logged)
+    return value
 
 
 def provenance(options: DiffusionTrainOptions, device: torch.device, images: int, last_loss: float,

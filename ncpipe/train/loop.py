@@ -113,6 +113,51 @@ class StopRequest:
             signal.signal(number, handler)
 
 
+class TrainingWindow:
+    """When a training window saves its state and when it ends, for every trainer.
+
+    It saves every ``checkpoint_every`` steps, at the last step, after ``checkpoint_minutes`` without
+    a save, and before it ends; it ends at ``max_minutes`` or on Ctrl-C/SIGTERM (:class:`StopRequest`),
+    so the same command resumes it. ``with TrainingWindow(...) as window:`` then, after each step,
+    ``due, end = window.after(steps_done)``; call :meth:`saved` after saving and :meth:`log_end` on ending.
+    """
+
+    def __init__(self, total_steps: int, checkpoint_every: int, checkpoint_minutes: float,
+                 max_minutes: float | None) -> None:
+        self.total_steps = total_steps
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_minutes = checkpoint_minutes
+        self.max_minutes = max_minutes
+        self.stop = StopRequest()
+        self.started = self.saved_at = time.monotonic()
+        self.out_of_time = False
+
+    def __enter__(self) -> "TrainingWindow":
+        self.stop.__enter__()
+        self.started = self.saved_at = time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.__exit__(*exc)
+
+    def after(self, done: int) -> tuple[bool, bool]:
+        """(a save is due now, the window ends now) after ``done`` steps in all."""
+        now = time.monotonic()
+        self.out_of_time = self.max_minutes is not None and now - self.started >= 60 * self.max_minutes
+        end = self.out_of_time or self.stop.requested
+        save = (done % self.checkpoint_every == 0 or done == self.total_steps or end
+                or now - self.saved_at >= 60 * self.checkpoint_minutes)
+        return save, end
+
+    def saved(self) -> None:
+        self.saved_at = time.monotonic()
+
+    def log_end(self, done: int) -> None:
+        why = f"max_minutes {self.max_minutes:g} reached" if self.out_of_time else "interrupted"
+        log.info("stopping at step %d of %d (%s): the state is saved; run again to resume",
+                 done, self.total_steps, why)
+
+
 @dataclass
 class StepMeans:
     """Logs running means of named values every ``every`` steps."""
