@@ -23,7 +23,6 @@ LPIPS, DISTS and FID need pretrained weights, and the evaluation logs and record
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import statistics
@@ -34,9 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import torch
 
 from ncpipe import metrics
@@ -63,10 +59,8 @@ from ncpipe.evaluation.perceptual import (
 )
 from ncpipe.evaluation.plots import plot_sweep
 from ncpipe.evaluation.refiners import evaluated_qualities, short_name
-from ncpipe.evaluation.tables import LEFT, RIGHT, markdown_table
+from ncpipe.evaluation.tables import LEFT, RIGHT, markdown_table, text_writer, write_file, write_result_tables
 from ncpipe.io.image_files import list_image_files
-from ncpipe.io.storage import atomic_writer
-from ncpipe.manifest import arrow_schema
 from ncpipe.models.cards import machine_description, now_utc
 from ncpipe.models.registry import load_model
 
@@ -276,17 +270,10 @@ def render_markdown(summary: Sequence[CorrDiffSummary], metadata: dict[str, Any]
 
 
 def write_outputs(output: Path, rows: Sequence[CorrDiffResult], metadata: dict[str, Any]) -> tuple[Path, ...]:
-    output.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
-    encoded = {k: json.dumps(v, default=str) for k, v in metadata.items()}
-    results = pa.Table.from_pylist([asdict(r) for r in rows], schema=arrow_schema(CorrDiffResult))
-    results = results.replace_schema_metadata(encoded)
-    table = pa.Table.from_pylist([asdict(s) for s in summary], schema=arrow_schema(CorrDiffSummary))
     written = [
-        _write(output / "results.parquet", lambda h: pq.write_table(results, h, compression="zstd")),
-        _write(output / "results.csv", lambda h: pacsv.write_csv(results, h)),
-        _write(output / "summary.csv", lambda h: pacsv.write_csv(table, h)),
-        _write(output / "summary.md", lambda h: h.write(render_markdown(summary, metadata).encode())),
+        *write_result_tables(output, rows, CorrDiffResult, summary, CorrDiffSummary, metadata),
+        write_file(output / "summary.md", text_writer(render_markdown(summary, metadata))),
     ]
     qualities = sorted({s.quality for s in summary})
     for quality in qualities:  # one set of plots per quality level (no suffix when there is one)
@@ -314,11 +301,6 @@ def sweep_rows(summary: Sequence[CorrDiffSummary]) -> list[dict[str, Any]]:
             points.append(asdict(s))
     return points
 
-
-def _write(path: Path, write) -> Path:
-    with atomic_writer(str(path)) as handle:
-        write(handle)
-    return path
 
 
 def _elapsed(started: float, device: torch.device) -> float:

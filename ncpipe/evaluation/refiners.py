@@ -22,7 +22,6 @@ original image has 0): the consistency that sample guidance enforces.
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
@@ -33,7 +32,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import torch
 
 from ncpipe import metrics
@@ -57,9 +55,8 @@ from ncpipe.evaluation.perceptual import (
     perceptual_weights,
 )
 from ncpipe.evaluation.plots import plot_sweep
-from ncpipe.evaluation.tables import LEFT, RIGHT, markdown_table
+from ncpipe.evaluation.tables import LEFT, RIGHT, markdown_table, text_writer, write_file, write_result_tables
 from ncpipe.io.image_files import list_image_files
-from ncpipe.io.storage import atomic_writer
 from ncpipe.manifest import arrow_schema
 from ncpipe.models.cards import machine_description, now_utc
 from ncpipe.models.registry import load_model, resolve_model
@@ -360,20 +357,13 @@ def _provenance_line(metadata: dict[str, Any]) -> str:
 
 
 def write_outputs(output: Path, rows: Sequence[RefinerResult], metadata: dict[str, Any]) -> tuple[Path, ...]:
-    output.mkdir(parents=True, exist_ok=True)
     summary, gain_table = summarise(rows), gains(rows)
-    encoded = {k: json.dumps(v, default=str) for k, v in metadata.items()}
-    results = pa.Table.from_pylist([asdict(r) for r in rows], schema=arrow_schema(RefinerResult))
-    results = results.replace_schema_metadata(encoded)
-    table = pa.Table.from_pylist([asdict(s) for s in summary], schema=arrow_schema(SummaryRow))
     gain_arrow = pa.Table.from_pylist([asdict(g) for g in gain_table], schema=arrow_schema(GainRow))
     written = [
-        _write(output / "results.parquet", lambda h: pq.write_table(results, h, compression="zstd")),
-        _write(output / "results.csv", lambda h: pacsv.write_csv(results, h)),
-        _write(output / "summary.csv", lambda h: pacsv.write_csv(table, h)),
-        _write(output / "summary.md", lambda h: h.write(render_markdown(summary, metadata).encode())),
-        _write(output / "gains.csv", lambda h: pacsv.write_csv(gain_arrow, h)),
-        _write(output / "gains.md", lambda h: h.write(render_gains(gain_table, metadata).encode())),
+        *write_result_tables(output, rows, RefinerResult, summary, SummaryRow, metadata),
+        write_file(output / "summary.md", text_writer(render_markdown(summary, metadata))),
+        write_file(output / "gains.csv", lambda h: pacsv.write_csv(gain_arrow, h)),
+        write_file(output / "gains.md", text_writer(render_gains(gain_table, metadata))),
     ]
     codecs = list(dict.fromkeys(s.codec for s in summary))
     for codec in codecs:
@@ -388,11 +378,6 @@ def write_outputs(output: Path, rows: Sequence[RefinerResult], metadata: dict[st
                                   y="decode_seconds", group="method", title=f"{codec}: decode time vs K"))
     return tuple(written)
 
-
-def _write(path: Path, write) -> Path:
-    with atomic_writer(str(path)) as handle:
-        write(handle)
-    return path
 
 
 def _sync(device: torch.device) -> None:

@@ -32,9 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from ncpipe import __version__
 from ncpipe.config import ConfigError
@@ -42,9 +39,8 @@ from ncpipe.evaluation.baselines import BASELINE_NAMES, ClassicalCodec, get_base
 from ncpipe.evaluation.bdrate import bd_psnr, bd_rate
 from ncpipe.evaluation.learned import ImageResult, evaluate_model, load_image_set, result_means, summarise_results
 from ncpipe.evaluation.plots import plot_rd
+from ncpipe.evaluation.tables import text_writer, write_file, write_result_tables
 from ncpipe.io.image_files import list_image_files
-from ncpipe.io.storage import atomic_writer
-from ncpipe.manifest import arrow_schema
 from ncpipe.models.cards import machine_description, now_utc, read_card, write_card
 from ncpipe.models.registry import ModelRef, list_models, resolve_model
 from ncpipe.progress import Progress
@@ -427,17 +423,10 @@ def _update_card(ref: ModelRef, entry: dict[str, Any]) -> list[Path]:
 def _write_outputs(
     output: Path, rows: list[EvaluationRow], summary: list[SummaryRow], bd: list[BdEntry], metadata: dict[str, Any]
 ) -> tuple[Path, ...]:
-    output.mkdir(parents=True, exist_ok=True)
-    encoded = {k: json.dumps(v, default=str) for k, v in metadata.items()}
-    results = pa.Table.from_pylist([asdict(r) for r in rows], schema=arrow_schema(EvaluationRow))
-    results = results.replace_schema_metadata(encoded)
-    table = pa.Table.from_pylist([asdict(r) for r in summary], schema=arrow_schema(SummaryRow))
     written = [
-        _write(output / "results.parquet", lambda h: pq.write_table(results, h, compression="zstd")),
-        _write(output / "results.csv", lambda h: pacsv.write_csv(results, h)),
-        _write(output / "summary.csv", lambda h: pacsv.write_csv(table, h)),
-        _write(output / "bd_rate.json", lambda h: h.write(_bd_json(bd, metadata).encode())),
-        _write(output / "bd_rate.md", lambda h: h.write(render_bd_markdown(bd, metadata).encode())),
+        *write_result_tables(output, rows, EvaluationRow, summary, SummaryRow, metadata),
+        write_file(output / "bd_rate.json", text_writer(_bd_json(bd, metadata))),
+        write_file(output / "bd_rate.md", text_writer(render_bd_markdown(bd, metadata))),
     ]
     plot_rows = [asdict(r) for r in summary]
     title = metadata["dataset"]
@@ -463,11 +452,6 @@ def _published_anchor_rows(dataset: str) -> list[dict[str, Any]]:
         return []
     return [{"series": PUBLISHED_SERIES, "bpp": p["bpp"], "psnr": p["psnr"]} for p in PUBLISHED_ANCHOR_MBT2018_MEAN]
 
-
-def _write(path: Path, write) -> Path:
-    with atomic_writer(str(path)) as handle:
-        write(handle)
-    return path
 
 
 def _finite(value: float | None) -> float | None:
