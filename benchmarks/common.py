@@ -54,11 +54,6 @@ def classical_codecs(names) -> dict:
     return get_baselines(names)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def machine(device: torch.device) -> str:
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "no GPU used"
     return f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, {gpu}"

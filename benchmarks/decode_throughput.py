@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import by_shape, classical_codecs, load_images, machine, now, print_targets, sync, write_shards
+from benchmarks.common import by_shape, classical_codecs, load_images, machine, now, print_targets, write_shards
 from benchmarks.throughput import CLASSICAL_QUALITY
 from ncpipe.codec import LearnedCodec, stack_padded
 from ncpipe.config import ClusterConfig, CompressConfig, DecompressConfig
-from ncpipe.device import resolve_device
+from ncpipe.device import resolve_device, synchronize
 from ncpipe.models.registry import load_model
 from ncpipe.pipeline.jobs import run_compress, run_decompress
 
@@ -45,7 +45,7 @@ def decode_ceiling(codec: LearnedCodec, images, batch: int, repeat: int) -> floa
         for z, y in prepared:
             _, means = codec.entropy_parameters(z)
             codec.model.adapter.synthesis((y.double() + means).float())
-        sync(codec.device)
+        synchronize(codec.device)
 
     run()
     started = time.perf_counter()
@@ -63,7 +63,7 @@ def compressai_decode_loop(codec: LearnedCodec, images, repeat: int) -> float:
     for _ in range(repeat):
         for out in encoded:
             model.decompress(out["strings"], out["shape"])
-    sync(codec.device)
+    synchronize(codec.device)
     return repeat * len(images) / (time.perf_counter() - started)
 
 

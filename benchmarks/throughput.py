@@ -38,12 +38,11 @@ from benchmarks.common import (
     machine,
     now,
     print_targets,
-    sync,
     write_shards,
 )
 from ncpipe.codec import stack_padded
 from ncpipe.config import ClusterConfig, CompressConfig
-from ncpipe.device import resolve_device
+from ncpipe.device import resolve_device, synchronize
 from ncpipe.models.registry import load_model
 from ncpipe.pipeline.jobs import run_compress
 
@@ -63,7 +62,7 @@ def model_ceiling(model, images, batch: int, device: torch.device, with_synthesi
             scales, means = adapter.split_entropy_parameters(adapter.model.h_s(z_hat))
             if with_synthesis:
                 adapter.synthesis(torch.round(y - means) + means)
-        sync(device)
+        synchronize(device)
 
     run()  # warm-up
     started = time.perf_counter()
@@ -90,7 +89,7 @@ def compressai_loop(model, images, device: torch.device, repeat: int, with_synth
     for _ in range(repeat):
         for x, y_hat in zip(tensors, y_hats):
             one(x, y_hat)
-    sync(device)
+    synchronize(device)
     return repeat * len(images) / (time.perf_counter() - started)
 
 

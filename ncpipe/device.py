@@ -27,3 +27,9 @@ def resolve_device(name: str) -> torch.device:
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     """Mixed precision runs on GPUs only (bfloat16 needs no loss scaling)."""
     return torch.bfloat16 if amp and device.type == "cuda" else None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer read next measures it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

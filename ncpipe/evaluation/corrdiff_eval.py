@@ -37,7 +37,7 @@ import torch
 
 from ncpipe import metrics
 from ncpipe.codec import LearnedCodec
-from ncpipe.device import resolve_device
+from ncpipe.device import resolve_device, synchronize
 from ncpipe.diffusion.corrdiff import (
     TRANSMITTED_PERCEPTION,
     attach_corrections,
@@ -304,6 +304,5 @@ def sweep_rows(summary: Sequence[CorrDiffSummary]) -> list[dict[str, Any]]:
 
 
 def _elapsed(started: float, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return time.perf_counter() - started

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from ncpipe import metrics
 from ncpipe.codec import LearnedCodec, to_uint8_image
+from ncpipe.device import synchronize
 from ncpipe.images import decode_image
 from ncpipe.models.cards import anchor_gap, machine_description, now_utc
 from ncpipe.models.checkpoint import CodecModel
@@ -82,7 +82,7 @@ def _measure(codec: LearnedCodec, name: str, quality: int, image_name: str, pixe
     started = time.perf_counter()
     batch = codec.analyse([pixels], quality=quality)
     data = codec.submit_entropy_coding(batch, 0, "RGB").result()
-    _sync(codec.device)
+    synchronize(codec.device)
     encoded = time.perf_counter()
     header, symbols = codec.decode_symbols(data)
     (x_hat,) = codec.synthesise([header], [symbols])
@@ -97,11 +97,6 @@ def _measure(codec: LearnedCodec, name: str, quality: int, image_name: str, pixe
         bpp=8 * len(data) / (header.width * header.height), psnr=psnr, ms_ssim=ms_ssim,
         encode_seconds=encoded - started, decode_seconds=finished - encoded,
     )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 SUMMARY_MEANS = ("bpp", "psnr", "ms_ssim", "encode_seconds", "decode_seconds")  # ImageResult fields averaged

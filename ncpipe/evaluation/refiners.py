@@ -36,7 +36,7 @@ import torch
 
 from ncpipe import metrics
 from ncpipe.codec import LearnedCodec
-from ncpipe.device import resolve_device
+from ncpipe.device import resolve_device, synchronize
 from ncpipe.diffusion.guidance import GuidanceConfig, bin_violation, encoder_input
 from ncpipe.diffusion.refiner import (
     DecodedBatch,
@@ -211,7 +211,7 @@ def _evaluate_image(codec: LearnedCodec, codec_name: str, methods: Sequence[_Met
     started = time.perf_counter()
     header, symbols = codec.decode_symbols(data)
     x_hat = codec.synthesise([header], [symbols])
-    _sync(codec.device)
+    synchronize(codec.device)
     base_seconds = time.perf_counter() - started
     decoded = decoded_batch(codec, [header], [symbols], x_hat)
     reference = metrics.to_unit_float(pixels).to(codec.device)
@@ -235,7 +235,7 @@ def _evaluate_image(codec: LearnedCodec, codec_name: str, methods: Sequence[_Met
         for k in steps:
             started = time.perf_counter()
             (refined,) = method.refiner.refine(decoded, k, method.guidance, codec=codec)
-            _sync(codec.device)
+            synchronize(codec.device)
             strength = method.guidance.strength if method.guidance else 0.0
             seconds = time.perf_counter() - started
             rows.append(row(method.name, method.refiner.sha256 or "", k, strength, refined, seconds))
@@ -377,9 +377,3 @@ def write_outputs(output: Path, rows: Sequence[RefinerResult], metadata: dict[st
         written.append(plot_sweep(points, path=output / f"decode_time_vs_steps{suffix}.png", x="steps",
                                   y="decode_seconds", group="method", title=f"{codec}: decode time vs K"))
     return tuple(written)
-
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
