@@ -15,18 +15,17 @@ load it at once never read a partial file, and later loads on that node read the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from ncpipe.errors import NcpipeError
-from ncpipe.io.storage import read_bytes
+from ncpipe.io.storage import read_bytes, write_bytes_atomic
 from ncpipe.io.urls import join_url, redact, url_to_fs
-from ncpipe.models.checkpoint import file_sha256
 
 STORE_ENV = "NCPIPE_MODEL_STORE"
 CACHE_ENV = "NCPIPE_MODEL_CACHE"
@@ -97,23 +96,15 @@ def fetch(name: str, card: dict[str, Any], checkpoint_name: str) -> Path:
     if target.is_file():
         return target
     store = store_url()
-    target.parent.mkdir(parents=True, exist_ok=True)
     with _store_errors(store):
         data = read_bytes(join_url(store, name, checkpoint_name))
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{checkpoint_name}.", suffix=".partial")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        expected = card.get("file_sha256")
-        actual = file_sha256(temp)
-        if expected and actual != expected:
-            raise ModelStoreError(
-                f"{redact(join_url(store, name, checkpoint_name))} has SHA-256 {actual}, but its card records "
-                f"{expected}: the store's copy is damaged or was replaced; publish the model folder again")
-        os.replace(temp, target)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    expected = card.get("file_sha256")
+    actual = hashlib.sha256(data).hexdigest()  # as models.checkpoint.file_sha256 digests the file
+    if expected and actual != expected:
+        raise ModelStoreError(
+            f"{redact(join_url(store, name, checkpoint_name))} has SHA-256 {actual}, but its card records "
+            f"{expected}: the store's copy is damaged or was replaced; publish the model folder again")
+    write_bytes_atomic(str(target), data)  # loaders on this node see the whole file or none
     return target
 
 
