@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from ncpipe.config import ConfigError
 from ncpipe.device import resolve_device
 from ncpipe.diffusion.refiner import Refiner, RefinerConfig, TrainedCodec, decoded_batch, save_refiner
 from ncpipe.diffusion.unet import to_model_range
+from ncpipe.models.checkpoint import save_torch
 from ncpipe.models.registry import load_model
 from ncpipe.train.diffusion_state import DiffusionTrainOptions, RunState, provenance, resume_on, run_steps
 from ncpipe.train.loop import load_state
@@ -145,10 +145,7 @@ def decoded_training_set(
         stored = torch.load(path, map_location="cpu", weights_only=True)
         return [DecodedImage(**item) for item in stored["images"]]
     decoded = decode_training_images(codec, images, quality)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    torch.save({"codec_sha256": codec.model.identity.sha256, "images": [asdict(d) for d in decoded]}, tmp)
-    os.replace(tmp, path)
+    save_torch({"codec_sha256": codec.model.identity.sha256, "images": [asdict(d) for d in decoded]}, path)
     return decoded
 
 
