@@ -26,14 +26,11 @@ from ncpipe.io.storage import list_files
 from ncpipe.io.tar_reader import iter_samples
 from ncpipe.io.urls import redact
 from ncpipe.manifest import MANIFEST_SCHEMA, read_manifest
-from ncpipe.pipeline.layout import ArchiveLayout, GenerationLayout
+from ncpipe.pipeline.layout import BITSTREAM_EXTENSION, ArchiveLayout, GenerationLayout
 
 if TYPE_CHECKING:
     import pyarrow as pa
     from PIL import Image
-
-BITSTREAM_MEMBER = "ncb"  # the extension of a sample's bitstream member
-
 
 class NotAnArchiveError(NcpipeError, FileNotFoundError):
     """The location holds no ncpipe archive (no ``CURRENT`` naming a generation)."""
@@ -50,7 +47,7 @@ class ArchiveSample:
     @property
     def bitstream(self) -> bytes | None:
         """The ``.ncb`` member, or None when the sample was stored unchanged (an error row)."""
-        return self.members.get(BITSTREAM_MEMBER)
+        return self.members.get(BITSTREAM_EXTENSION)
 
     def decode(self, model: str | None = None, device: str = "cpu") -> Image.Image:
         """The sample's image (see :func:`decode`)."""
