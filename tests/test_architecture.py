@@ -19,7 +19,7 @@ PACKAGE = ROOT / "ncpipe"
 # Lower layers never import higher ones. A "unit" is a subpackage or a top-level module.
 LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"__init__", "errors"}),
-    frozenset({"device", "images", "metrics", "io", "entropy", "bitstream", "manifest", "config", "resources",
+    frozenset({"allocator", "device", "images", "metrics", "io", "entropy", "bitstream", "manifest", "config", "resources",
                "progress"}),
     frozenset({"models", "codec", "codec_cache"}),
     frozenset({"diffusion"}),

@@ -198,6 +198,7 @@ class CodecModel:
         self.thresholds_fixed = to_fixed(steps.double()[:, :, None] * table)  # float32·float32 is exact in float64
         self.steps = steps.double()
         self.device = torch.device("cpu")
+        self.adapter.set_channels_last(True)
 
     @property
     def variable_rate(self) -> bool:
@@ -215,6 +216,8 @@ class CodecModel:
     def to(self, device: torch.device | str) -> "CodecModel":
         self.device = torch.device(device)
         self.adapter.model.to(self.device)
+        # channels-last measured faster on CPUs only; CUDA keeps the layout its kernels were measured with
+        self.adapter.set_channels_last(self.device.type == "cpu")
         self.hyper.to(self.device)
         self.z_medians = self.z_medians.to(self.device)
         self.z_median_fixed = self.z_median_fixed.to(self.device)

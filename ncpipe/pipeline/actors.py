@@ -15,6 +15,7 @@ from typing import Callable
 import ray
 import torch
 
+from ncpipe.allocator import retain_freed_memory
 from ncpipe.codec import LearnedCodec
 from ncpipe.config import CompressConfig, DecompressConfig, RecompressConfig
 from ncpipe.device import resolve_device
@@ -42,9 +43,11 @@ def _progress_reporter(counter_name: str) -> Callable[[int], None]:
     return lambda samples: counter.add.remote(samples)
 
 
-def _set_threads(threads: int) -> None:
+def _prepare_process(threads: int) -> None:
+    """Before a worker builds its models: its threads, and freed memory kept for the next batch."""
     torch.set_num_threads(threads)
     os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
+    retain_freed_memory()
 
 
 class ShardActor:
@@ -56,7 +59,7 @@ class ShardActor:
     """
 
     def __init__(self, config, threads: int, progress_counter: str):
-        _set_threads(threads)
+        _prepare_process(threads)
         self.setup_error: NcpipeError | None = None
         try:
             self.worker = self.setup(config, threads, _progress_reporter(progress_counter))
