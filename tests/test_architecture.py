@@ -19,8 +19,8 @@ PACKAGE = ROOT / "ncpipe"
 # Lower layers never import higher ones. A "unit" is a subpackage or a top-level module.
 LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"__init__", "errors"}),
-    frozenset({"allocator", "device", "images", "metrics", "io", "entropy", "bitstream", "manifest", "config", "resources",
-               "progress"}),
+    frozenset({"allocator", "device", "images", "metrics", "io", "entropy", "bitstream", "manifest", "config",
+               "resources", "progress"}),
     frozenset({"models", "codec", "codec_cache"}),
     frozenset({"diffusion"}),
     frozenset({"pipeline", "train", "evaluation", "reliability", "operations", "api"}),
