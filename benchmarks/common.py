@@ -65,12 +65,17 @@ def now() -> str:
 
 def demo_wall_seconds(device: str = "auto") -> float:
     """Wall seconds of ``ncpipe demo`` (compress and restore of the shipped samples) in a fresh process,
-    as a user runs it once set up: Python start, imports, Ray and actors included."""
+    as a user runs it once set up: Python start, imports, model loading included."""
     with tempfile.TemporaryDirectory() as tmp:
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "ncpipe", "demo", "-o", tmp, "--device", device], check=True,
-                       stdout=subprocess.DEVNULL)
-        return time.perf_counter() - started
+        return command_wall_seconds("demo", "-o", tmp, "--device", device)
+
+
+def command_wall_seconds(*arguments: str) -> float:
+    """Wall seconds of ``ncpipe ARGUMENTS`` in a fresh process (its output discarded)."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "ncpipe", *arguments], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
 
 
 def print_targets(targets: list[tuple[str, float | None, str, float]]) -> None:

@@ -1,18 +1,21 @@
-"""How a compress job's cost grows with its number of shards, on the embedded Ray.
+"""How a compress job's cost grows with its number of shards.
 
-    python -m benchmarks.scale --images ../shared/data/kodak --model mbt2018-mean-small-l0018 --shards 200,2000
+    python -m benchmarks.scale --images ../shared/data/kodak --model mbt2018-mean-small-l0018 --shards 200,2000 \
+        [--executor auto|ray|in-process]
 
 Each size runs in a fresh Python process (so the driver's peak memory is that job's alone): N shards of
 ``--per-shard`` tiny images (crops of the given images) compressed by ``run_compress`` with the default
-cluster plan. Reported per size, from the commit markers' times and the workers' own seconds:
+cluster plan and ``--executor`` (default auto: here, one worker in the job's process; ``ray``: actors on
+an embedded Ray). Reported per size, from the commit markers' times and the workers' own seconds:
 
-* first commit: seconds from the job's start to its first committed shard (Ray, actors, first batch);
+* first commit: seconds from the job's start to its first committed shard (Ray if any, actors, first batch);
 * shards/s: committed shards per second between the first and the last commit (steady state);
 * per-shard overhead: the seconds an actor spends per shard outside its worker (the driver handing out
   the shard, Ray's calls, result collection): interval between commits x actors - worker seconds per shard,
   both without each actor's first shard (its warm-up); near 0 it can come out slightly negative;
 * tail: seconds from the last commit to the summary being returned (listing, summarising);
-* driver peak memory: the driver process's peak resident set during the job, and its growth over the job.
+* driver peak memory: the driver process's peak resident set during the job, and its growth over the job
+  (in-process, the worker's memory is the driver's).
 
 The last line gives the largest size's figures as ratios of the smallest's (flat: 1.00).
 """
@@ -100,6 +103,7 @@ def one_size(args: argparse.Namespace, shards: int) -> dict:
     from ncpipe.config import ClusterConfig, CompressConfig
     from ncpipe.pipeline.jobs import run_compress
 
+    cluster = ClusterConfig(executor=args.executor)
     with tempfile.TemporaryDirectory() as tmp:
         pngs = tiny_pngs(args.images, min(shards * args.per_shard, 512), (args.height, args.width))
         inputs = write_tiny_shards(Path(tmp) / "in", shards, args.per_shard, pngs)
@@ -108,14 +112,14 @@ def one_size(args: argparse.Namespace, shards: int) -> dict:
         started = time.perf_counter()
         with PeakMemory() as memory:
             summary = run_compress(CompressConfig(inputs=tuple(inputs), output=str(output), model=args.model,
-                                                  batch_size=args.per_shard, metrics=False, cluster=ClusterConfig()))
+                                                  batch_size=args.per_shard, metrics=False, cluster=cluster))
         wall = time.perf_counter() - started
         if not summary.complete or summary.errors:
             raise RuntimeError(f"scale job did not complete cleanly:\n{summary.text()}")
         markers = sorted((output / "g0000" / "_commits").glob("*.json"), key=lambda p: p.stat().st_mtime)
         commits = [p.stat().st_mtime - started_wall for p in markers]
         worker_seconds = [json.loads(p.read_text())["seconds"] for p in markers]
-    actors = _actors(summary)
+    actors = _actors(cluster)
     interval = (commits[-1] - commits[0]) / max(len(commits) - 1, 1)
     steady = worker_seconds[actors:] or worker_seconds  # each actor's first shard carries its warm-up
     return {
@@ -128,13 +132,11 @@ def one_size(args: argparse.Namespace, shards: int) -> dict:
     }
 
 
-def _actors(summary) -> int:
-    """Actors the job ran (the default plan: one per CPU the embedded Ray reports, see plan_workers)."""
-    from ncpipe.config import ClusterConfig
-    from ncpipe.pipeline.distributor import plan_workers
+def _actors(cluster) -> int:
+    """Actors the job ran: one in-process, else the default plan on the embedded Ray (plan_workers)."""
+    from ncpipe.pipeline.distributor import plan_workers, runs_in_process
 
-    count, _ = plan_workers(ClusterConfig(), "auto")
-    return count
+    return 1 if runs_in_process(cluster, "auto") else plan_workers(cluster, "auto")[0]
 
 
 def print_table(results: list[dict]) -> None:
@@ -163,6 +165,7 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=3, help="images per shard")
     parser.add_argument("--height", type=int, default=32)
     parser.add_argument("--width", type=int, default=48)
+    parser.add_argument("--executor", default="auto", help="where the job's worker runs (default: auto)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # run one size here, print its JSON
     parser.add_argument("--out", type=Path, default=Path("out/bench/scale.json"))
     args = parser.parse_args()
@@ -177,14 +180,15 @@ def main() -> None:
     for size in (int(s) for s in args.shards.split(",")):
         command = [sys.executable, "-m", "benchmarks.scale", "--images", str(args.images), "--model", args.model,
                    "--per-shard", str(args.per_shard), "--height", str(args.height), "--width", str(args.width),
-                   "--one", str(size)]
+                   "--executor", args.executor, "--one", str(size)]
         done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"{machine(torch.device('cpu'))} | {now()} | {args.per_shard} images of {args.width}x{args.height} per shard")
+    print(f"{machine(torch.device('cpu'))} | {now()} | {args.per_shard} images of {args.width}x{args.height} per shard"
+          f" | executor {args.executor}")
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine(torch.device("cpu")), "date": now(), "sizes": results},
-                                   indent=2))
+    args.out.write_text(json.dumps({"machine": machine(torch.device("cpu")), "date": now(),
+                                    "executor": args.executor, "sizes": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ from ncpipe.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_RESTORE
 
 DEFAULT_MODEL = "mbt2018-mean-vbr-small"  # the variable-rate codec: `--quality` picks the rate
 RESTORE_CHOICES = ("original", "png", "webp-lossless")  # DecompressConfig.image_format
+# Where a job's worker runs: "ray", actors on a Ray cluster (embedded or joined); "in-process", one
+# worker in the job's own process (no Ray); "auto", in-process for a job of one worker on this
+# machine (no --address, --workers 1 or unset, at most one GPU), else Ray.
+IN_PROCESS = "in-process"
+EXECUTORS = ("auto", "ray", IN_PROCESS)
 
 
 class ConfigError(NcpipeError, ValueError):
@@ -32,11 +37,17 @@ class ClusterConfig:
     workers: int | None = None  # codec actors; None: one per GPU, or one on a CPU-only cluster
     cpus_per_worker: float | None = None  # None: every CPU of a CPU-only node / 4 per GPU worker
     max_shard_attempts: int = 3  # a shard whose worker dies is retried this many times in all
+    executor: str = "auto"  # see EXECUTORS
 
     def __post_init__(self) -> None:
         _positive(self, "workers", allow_none=True)
         _positive(self, "cpus_per_worker", allow_none=True)
         _positive(self, "max_shard_attempts")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"executor: must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if self.executor == IN_PROCESS and (self.address or (self.workers or 1) > 1):
+            raise ConfigError("executor: in-process runs one worker on this machine; "
+                              "--address and --workers above 1 need --executor ray (or auto)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -58,7 +58,7 @@ def ray_started():
     connect(ClusterConfig())  # the session's embedded Ray (another package's fixture may have started it)
 
 
-def test_decompress_of_a_file_that_is_no_tar_exits_3(tmp_path, ray_started, capsys):
+def test_decompress_of_a_file_that_is_no_tar_exits_3(tmp_path, capsys):
     stray = tmp_path / "x.ncb"
     stray.write_bytes(b"NCB\x00 not a tar")
     status = main(["decompress", str(stray), "-o", str(tmp_path / "restored")])
@@ -105,12 +105,14 @@ def test_bad_arguments_exit_2():
     assert exit_info.value.code == EXIT_USAGE
 
 
-def test_cuda_on_a_machine_without_gpus_fails_once_before_any_work(tmp_path, ray_started, caplog):
+@pytest.mark.parametrize("executor, says", [("in-process", "CUDA is not available here"), ("ray", "needs a GPU")])
+def test_cuda_on_a_machine_without_gpus_fails_once_before_any_work(tmp_path, ray_started, caplog, executor, says):
     shard = tmp_path / "in" / "data-000000.tar"
     shard.parent.mkdir()
     shard.write_bytes(tar_bytes([("a.png", encoded(kodak_pixels(1, (32, 32))))]))
     caplog.clear()
-    assert main(["compress", str(shard), "-o", str(tmp_path / "out"), "--device", "cuda"]) == EXIT_USAGE
+    assert main(["compress", str(shard), "-o", str(tmp_path / "out"), "--device", "cuda",
+                 "--executor", executor]) == EXIT_USAGE
     (record,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert "needs a GPU" in record.getMessage() and "--device cpu" in record.getMessage()
+    assert says in record.getMessage() and "--device cpu" in record.getMessage()
     assert not list((tmp_path / "out").rglob("*.tar"))

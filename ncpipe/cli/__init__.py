@@ -15,6 +15,7 @@ from ncpipe import __version__
 from ncpipe.cli.exit_status import EXIT_INTERRUPTED, EXIT_USAGE, add_allow_errors, job_exit_status
 from ncpipe.config import (
     DEFAULT_MODEL,
+    EXECUTORS,
     RESTORE_CHOICES,
     ClusterConfig,
     CompressConfig,
@@ -31,11 +32,15 @@ log = logging.getLogger("ncpipe")
 
 
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("Ray")
+    group = parser.add_argument_group("workers")
     group.add_argument("--address", help="join this Ray cluster (e.g. auto, ray://head:10001); "
                        "default: start an embedded local Ray bound to 127.0.0.1")
     group.add_argument("--workers", type=int, help="codec actors (default: one per GPU, else one)")
     group.add_argument("--cpus-per-worker", type=float, help="CPUs each actor reserves and uses as threads")
+    group.add_argument("--executor", choices=EXECUTORS, default="auto",
+                       help="where the worker runs: ray (actors on Ray, embedded or --address), in-process (one "
+                       "worker in this process, no Ray), auto (in-process for one worker on this machine: no "
+                       "--address, --workers 1 or unset, at most one GPU; else ray) (default: auto)")
 
 
 DEVICE_HELP = "auto (a GPU when there is one), cpu or cuda[:N] (default: auto)"
@@ -52,7 +57,8 @@ QUALITY_HELP = ("quality level of a variable-rate model, 1 (fewest bits) .. n; d
 
 
 def _cluster(args: argparse.Namespace) -> ClusterConfig:
-    return ClusterConfig(address=args.address, workers=args.workers, cpus_per_worker=args.cpus_per_worker)
+    return ClusterConfig(address=args.address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                         executor=args.executor)
 
 
 def _add_compress(sub) -> None:

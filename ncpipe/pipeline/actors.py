@@ -1,5 +1,7 @@
-"""Ray actors: each holds a model resident on its device and runs whole shards.
+"""Codec actors: each holds a model resident on its device and runs whole shards.
 
+An actor runs as a Ray actor in its own worker process (the distributor makes these classes remote),
+or, for a job of one worker on this machine, in the job's own process (the in-process executor).
 Actors receive configurations and model *locations* (registry names or paths, and the paths of
 diffusion decoders), never weights: each loads its models once, verified against their SHA-256, and
 keeps them.
@@ -58,11 +60,15 @@ class ShardActor:
     would report a dead actor, and the distributor would retry every shard on it as a lost worker.
     """
 
-    def __init__(self, config, threads: int, progress_counter: str):
+    def __init__(self, config, threads: int, progress: str | Callable[[int], None]):
+        """``progress``: what the worker reports finished samples to: the name of the job's Ray
+        progress counter, or (in-process) a callable."""
         _prepare_process(threads)
+        on_progress = progress if callable(progress) else _progress_reporter(progress)
         self.setup_error: NcpipeError | None = None
+        self.worker = None
         try:
-            self.worker = self.setup(config, threads, _progress_reporter(progress_counter))
+            self.worker = self.setup(config, threads, on_progress)
         except NcpipeError as err:
             self.setup_error = err
 
@@ -83,8 +89,12 @@ class ShardActor:
     def ping(self) -> bool:
         return True
 
+    def close(self) -> None:
+        """Stop the worker's thread pools (a Ray actor's end with its process)."""
+        if self.worker is not None:
+            self.worker.close()
 
-@ray.remote
+
 class CompressActor(ShardActor):
     def setup(self, config: CompressConfig, threads: int, on_progress: Callable[[int], None]):
         from ncpipe.pipeline.compress import ShardCompressor
@@ -101,7 +111,6 @@ class CompressActor(ShardActor):
         return ShardCompressor(config, codec, config.model, threads, on_progress, corrdiff=corrdiff)
 
 
-@ray.remote
 class DecompressActor(ShardActor):
     def setup(self, config: DecompressConfig, threads: int, on_progress: Callable[[int], None]):
         from ncpipe.pipeline.decompress import ShardDecompressor
@@ -109,7 +118,6 @@ class DecompressActor(ShardActor):
         return ShardDecompressor(config, resolve_device(config.device), threads, on_progress)
 
 
-@ray.remote
 class RecompressActor(ShardActor):
     """Holds the target model, and decodes old bitstreams with the models they name."""
 

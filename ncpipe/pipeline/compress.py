@@ -98,6 +98,8 @@ class SampleSource(Protocol):
 
     def items(self, task: ShardTask, pool: ThreadPoolExecutor) -> Iterator[Prepared]: ...
 
+    def close(self) -> None: ...
+
 
 class InputShardSamples:
     """The input shard's samples (a tar, or image files), decoded on the pool, in order."""
@@ -109,6 +111,9 @@ class InputShardSamples:
         depth = self.config.batch_size
         samples = read_ahead(iter_shard_samples(task.input_url, task.files), depth=4 * depth)
         return map_ordered(lambda s: prepare(s, self.config.max_pixels), samples, pool, window=2 * depth)
+
+    def close(self) -> None:
+        """Holds nothing: the pool it decodes on is the worker's."""
 
 
 @dataclass
@@ -383,6 +388,8 @@ class ShardCompressor:
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=True)
+        self.source.close()
+        self.codec.close()
 
 
 def _names_and_digests(members: Iterable[TarMember]) -> tuple[list[str], list[str]]:

@@ -161,6 +161,10 @@ class ShardDecompressor:
         self.guidance = GuidanceConfig(strength=config.guidance) if config.guidance else None
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="restore")
 
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.models.close()
+
     # -- one shard ------------------------------------------------------------------
 
     def run(self, task: RestoreTask) -> ShardStats:

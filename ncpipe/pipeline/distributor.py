@@ -1,16 +1,20 @@
-"""Runs shard tasks on a pool of Ray actors: backpressure, retries, progress.
+"""Runs shard tasks on workers: backpressure, retries, progress.
 
-Each actor has at most one shard in flight (inside it, the shard's stages overlap), so
-the number of shards in flight is bounded by the number of actors. A shard whose actor
-dies (process killed, node lost) is retried on the restarted actor up to
-``max_shard_attempts`` times; its partial outputs were never visible, because every
-output is committed atomically and counted only once its commit marker exists.
+Two executors. On Ray (``run_on_actors``), each actor has at most one shard in flight (inside it,
+the shard's stages overlap), so the number of shards in flight is bounded by the number of actors.
+A shard whose actor dies (process killed, node lost) is retried on the restarted actor up to
+``max_shard_attempts`` times; its partial outputs were never visible, because every output is
+committed atomically and counted only once its commit marker exists. In-process
+(``run_in_process``), one worker in the job's own process runs the shards one after another: no
+Ray to start, no second process to load the model into, which is most of a small job's wall time;
+a worker process lost there is the job lost, and a re-run resumes from the committed shards.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -22,7 +26,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ncpipe.config import ClusterConfig, ConfigError
+from ncpipe.config import IN_PROCESS, ClusterConfig, ConfigError
 from ncpipe.errors import NcpipeError
 from ncpipe.io.urls import redact
 from ncpipe.models.store import model_runtime_env
@@ -83,6 +87,35 @@ def _loopback_only():
         else:
             os.environ[_SINGLE_NODE_SWITCH] = saved[0]
         ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+
+
+def runs_in_process(cluster: ClusterConfig, device: str) -> bool:
+    """Whether a job runs its one worker in its own process (``ClusterConfig.executor``); ``auto``
+    does so for a job of one worker on this machine."""
+    if cluster.executor != "auto":
+        return cluster.executor == IN_PROCESS
+    if cluster.address or _submitted_job_cluster() or (cluster.workers or 1) > 1:
+        return False
+    return device == "cpu" or _local_gpus() <= 1  # one Ray actor per GPU otherwise
+
+
+def _local_gpus() -> int:
+    import torch  # the in-process worker imports it anyway
+
+    return torch.cuda.device_count()
+
+
+def in_process_threads(cluster: ClusterConfig) -> int:
+    """Threads of the in-process worker: ``cpus_per_worker``, or the CPUs this process may use."""
+    if cluster.cpus_per_worker:
+        return max(1, int(cluster.cpus_per_worker))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@functools.cache
+def ray_actor(actor_class: type) -> Any:
+    """``actor_class`` as a Ray actor class (made once per class)."""
+    return ray.remote(actor_class)
 
 
 def plan_workers(cluster: ClusterConfig, device: str = "auto") -> tuple[int, WorkerResources]:
@@ -225,9 +258,33 @@ def _replace_if_dead(actor, make_actor):
         return make_actor()
 
 
-@ray.remote(num_cpus=0)
-class ProgressCounter:
-    """Samples finished so far, reported by workers after every batch."""
+def run_in_process(tasks: Sequence[Any], make_actor: Callable[[], Any], describe: Callable[[Any], str],
+                   progress: ProgressLog) -> PoolOutcome:
+    """Run every task through one actor built here, in this process; a task's error is its shard's
+    failure (as a Ray task's error is), the actor's configuration error is raised before any shard."""
+    actor = make_actor()
+    outcome = PoolOutcome([], [])
+    try:
+        actor.ready()
+        with progress:
+            for task in tasks:
+                try:
+                    result = actor.run(task)
+                except Exception as err:  # noqa: BLE001  (any error of one shard: recorded, the next runs)
+                    outcome.failures.append(ShardFailure(task, redact(str(err))))
+                    log.error("%s failed: %s", describe(task), redact(str(err)))
+                else:
+                    outcome.results.append(result)
+                    progress.shard_done(task)
+                progress.tick()
+            progress.tick(force=True)
+    finally:
+        actor.close()
+    return outcome
+
+
+class SampleCounter:
+    """Samples finished so far, reported by the worker after every batch (in-process executor)."""
 
     def __init__(self):
         self.samples = 0
@@ -239,17 +296,36 @@ class ProgressCounter:
         return self.samples
 
 
+ProgressCounter = ray.remote(num_cpus=0)(SampleCounter)  # the same, as a Ray actor the workers report to
+
+
+class RayCounter:
+    """A job's progress counter on Ray: a named actor on the driver's node (a counter on a worker
+    node would die with that node). Workers find it by name: an actor handle passed as a constructor
+    argument would make Ray unable to restart a crashed worker safely."""
+
+    def __init__(self, label: str):
+        self.name = f"ncpipe-progress-{label}-{os.getpid()}-{time.time_ns()}"
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.actor = ProgressCounter.options(name=self.name, scheduling_strategy=here).remote()
+
+    def get(self) -> int | None:
+        """Samples so far; None when the counter cannot answer (progress is a report, never a
+        reason to fail the job)."""
+        try:
+            return ray.get(self.actor.get.remote())
+        except _ACTOR_LOST:
+            log.debug("progress counter unavailable")
+            return None
+
+
 class ProgressLog:
     """A job's progress: shards done of the total, plus the images the workers count and the input
     bytes of the shards done; a bar on a terminal, log lines elsewhere (ncpipe.progress)."""
 
-    def __init__(self, total_shards: int, label: str, measure: Callable[[Any], int] = lambda task: 0):
-        # Workers find the counter by name: an actor handle passed as a constructor
-        # argument would make Ray unable to restart a crashed worker safely.
-        self.counter_name = f"ncpipe-progress-{label}-{os.getpid()}-{time.time_ns()}"
-        # On the driver's node: a counter on a worker node would die with that node.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        self.counter = ProgressCounter.options(name=self.counter_name, scheduling_strategy=here).remote()
+    def __init__(self, total_shards: int, label: str, counter: SampleCounter | RayCounter,
+                 measure: Callable[[Any], int] = lambda task: 0):
+        self.counter = counter  # where the workers count their finished samples
         self.images = 0
         self.progress = Progress(total_shards, unit="shards", label=label)
         self.measure = measure  # a task -> its input bytes
@@ -261,13 +337,16 @@ class ProgressLog:
     def __exit__(self, *exc_info: object) -> None:
         self.progress.close()
 
+    def samples_done(self, samples: int) -> None:
+        """A worker in this process finished ``samples`` more (Ray workers report to the counter actor)."""
+        self.counter.add(samples)
+        self.tick()
+
     def shard_done(self, task: Any) -> None:
         self.progress.done += 1
         self.progress.nbytes += self.measure(task)
 
     def tick(self, force: bool = False) -> None:
-        try:
-            self.images = ray.get(self.counter.get.remote())
-        except _ACTOR_LOST:  # progress is a report, never a reason to fail the job
-            log.debug("progress counter unavailable; images done shown as %d", self.images)
+        images = self.counter.get()
+        self.images = self.images if images is None else images
         self.progress.update(self.progress.done, images=self.images, force=force)

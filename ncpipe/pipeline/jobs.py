@@ -36,7 +36,19 @@ from ncpipe.manifest import RESTORE_SCHEMA, STATUS_ERROR, STATUS_OK, read_manife
 from ncpipe.models.checkpoint import check_quality_level, model_digest, read_checkpoint
 from ncpipe.models.registry import describe_sha256, find_by_sha256, resolve_model
 from ncpipe.pipeline.committed import ArchiveShard, archive_shards
-from ncpipe.pipeline.distributor import PoolOutcome, ProgressLog, connect, plan_workers, run_on_actors
+from ncpipe.pipeline.distributor import (
+    PoolOutcome,
+    ProgressLog,
+    RayCounter,
+    SampleCounter,
+    connect,
+    in_process_threads,
+    plan_workers,
+    ray_actor,
+    run_in_process,
+    run_on_actors,
+    runs_in_process,
+)
 from ncpipe.pipeline.layout import (
     FIRST_GENERATION,
     ArchiveLayout,
@@ -238,26 +250,31 @@ def clear_partials(job_id: str, *directories: str) -> None:
 
 
 def run_tasks(cluster: ClusterConfig, tasks: list, actor_class, config, label: str) -> PoolOutcome:
-    """Run shard tasks on ``actor_class`` actors sized for the connected cluster."""
+    """Run shard tasks on ``actor_class`` actors: one in this process, or a pool of Ray actors sized
+    for the connected cluster (``ClusterConfig.executor``)."""
     if not tasks:
         return PoolOutcome([], [])
+    describe = lambda task: f"shard {redact(task.input_url)}"  # noqa: E731
+    if runs_in_process(cluster, config.device):
+        threads = in_process_threads(cluster)
+        progress = ProgressLog(len(tasks), label, SampleCounter(), measure=input_bytes)
+        log.info("%s: 1 worker in this process, %d thread(s)", label, threads)
+        return run_in_process(tasks, lambda: actor_class(config, threads, progress.samples_done), describe, progress)
     connect(cluster)
     count, resources = plan_workers(cluster, config.device)
-    progress = ProgressLog(len(tasks), label, measure=input_bytes)
-    log.info("%s: %d worker(s), each %g CPU / %g GPU", label, min(count, len(tasks)),
+    counter = RayCounter(label)
+    progress = ProgressLog(len(tasks), label, counter, measure=input_bytes)
+    log.info("%s: %d Ray worker(s), each %g CPU / %g GPU", label, min(count, len(tasks)),
              resources.num_cpus, resources.num_gpus)
 
     def make_actor():
         # Ray restarts a crashed actor; the shard it held is retried by the distributor
         # (not by Ray), so retries are counted and bounded in one place.
-        return actor_class.options(
+        return ray_actor(actor_class).options(
             num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_restarts=3, max_task_retries=0
-        ).remote(config, resources.threads, progress.counter_name)
+        ).remote(config, resources.threads, counter.name)
 
-    return run_on_actors(
-        tasks, make_actor, count, cluster.max_shard_attempts,
-        describe=lambda task: f"shard {redact(task.input_url)}", progress=progress,
-    )
+    return run_on_actors(tasks, make_actor, count, cluster.max_shard_attempts, describe=describe, progress=progress)
 
 
 def input_bytes(task) -> int:

@@ -149,6 +149,9 @@ class PreviousGeneration:
         self.models = models
         self.max_pixels = max_pixels
 
+    def close(self) -> None:
+        self.models.close()
+
     def items(self, task: RecompressTask, pool: ThreadPoolExecutor) -> Iterator[Prepared]:
         """In shard order; the pool is not used (selected samples are few and decoded where found)."""
         originals = {} if task.transcode_only else self._original_samples(task)

@@ -3,7 +3,7 @@
 One flow, because each job start costs an actor and a model load here:
 
 1. ``ncpipe run SPEC`` compresses two shards from ``s3://`` into an ``s3://`` archive with one
-   attempt per shard; the worker is SIGKILLed (a crash, an OOM kill) while it writes the second
+   attempt per shard on Ray actors; the worker is SIGKILLed (a crash, an OOM kill) while it writes the second
    shard's output;
 2. ``ncpipe compress`` re-runs the same configuration: the committed shard is skipped, the
    killed one redone;
@@ -130,6 +130,7 @@ spec:
 cluster:
   workers: 1
   max_shard_attempts: 1
+  executor: ray
 """)
     caplog.set_level(logging.INFO)
     killed, stop = Killed(), threading.Event()

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
-from ncpipe.config import CompressConfig, ConfigError, DecompressConfig
+from ncpipe.config import ClusterConfig, CompressConfig, ConfigError, DecompressConfig
 from ncpipe.manifest import RESTORE_SCHEMA, read_manifest
 from ncpipe.pipeline.jobs import run_compress, run_decompress
 from tests.factories import encoded, kodak_pixels, png_declaring
@@ -45,10 +45,11 @@ def _good_shards(root: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory, tiny_model_path, ray_local):
+    """The job on Ray actors (an embedded Ray), as a cluster runs it."""
     root = tmp_path_factory.mktemp("archive")
     inputs = _good_shards(root / "in" if (root / "in").mkdir() is None else root)
     config = CompressConfig(inputs=(str(root / "in" / "data-{000000..000002}.tar"),), output=str(root / "out"),
-                            model=str(tiny_model_path), batch_size=2)
+                            model=str(tiny_model_path), batch_size=2, cluster=ClusterConfig(executor="ray"))
     return inputs, config, run_compress(config)
 
 
@@ -136,6 +137,23 @@ def test_decompress_to_directory_in_one_chosen_format(compressed, tmp_path, tiny
     assert Image.open(tmp_path / "files" / files[0]).format == "WEBP"
 
 
+def test_the_in_process_executor_writes_what_the_ray_actors_wrote(compressed, tmp_path):
+    """The same job with its worker in this process (``auto`` for a job of one local worker): the
+    same bitstreams, members and manifest rows, bar the job's id and timings."""
+    inputs, config, _ = compressed
+    local = run_compress(CompressConfig(inputs=config.inputs, output=str(tmp_path / "out"), model=config.model,
+                                        batch_size=2, cluster=ClusterConfig(executor="in-process")))
+    assert local.complete and local.ok == 9
+    for shard in inputs:
+        assert _members(str(tmp_path / "out" / "g0000" / "shards" / f"{shard.stem}.tar")) == \
+            _members(f"{config.output}/g0000/shards/{shard.stem}.tar")
+    varying = {"job_id", "encode_seconds", "output_shard"}
+    rows = [{k: v for k, v in row.items() if k not in varying}
+            for row in read_manifest(str(tmp_path / "out" / "g0000" / "manifest")).to_pylist()]
+    assert rows == [{k: v for k, v in row.items() if k not in varying}
+                    for row in read_manifest(f"{config.output}/g0000/manifest").to_pylist()]
+
+
 def test_rerun_skips_committed_shards_and_changes_nothing(compressed):
     _, config, _ = compressed
     out = Path(config.output)
@@ -155,7 +173,7 @@ def test_another_configuration_over_the_same_output_is_refused(compressed, tmp_p
         run_compress(CompressConfig(inputs=config.inputs, output=config.output, model=str(other)))
 
 
-def test_bad_inputs_become_error_rows_and_the_job_completes(tmp_path, tiny_model_path, ray_local):
+def test_bad_inputs_become_error_rows_and_the_job_completes(tmp_path, tiny_model_path):
     good = encoded(kodak_pixels(1, (64, 64)))
     rgba = np.dstack([kodak_pixels(2, (32, 32)), np.full((32, 32), 100, np.uint8)])
     buffer = io.BytesIO()
@@ -219,7 +237,7 @@ def test_decompress_with_another_model_refuses_each_bitstream_and_keeps_it(compr
     assert restored == compressed_members  # written through unchanged: nothing lost
 
 
-def test_a_folder_of_jpegs_compresses_and_restores_to_jpegs(tmp_path, tiny_model_path, ray_local):
+def test_a_folder_of_jpegs_compresses_and_restores_to_jpegs(tmp_path, tiny_model_path):
     photos = tmp_path / "photos"
     photos.mkdir()
     originals = {f"kodim{n:02d}.jpg": encoded(kodak_pixels(n, (64, 96)), "JPEG") for n in (1, 2, 3)}
@@ -243,7 +261,7 @@ def test_a_folder_of_jpegs_compresses_and_restores_to_jpegs(tmp_path, tiny_model
         run_compress(CompressConfig(inputs=(str(photos),), output=archive, model=str(tiny_model_path)))
 
 
-def test_one_image_file_is_a_shard_of_one_sample(tmp_path, tiny_model_path, ray_local):
+def test_one_image_file_is_a_shard_of_one_sample(tmp_path, tiny_model_path):
     image = tmp_path / "one.jpg"
     image.write_bytes(encoded(kodak_pixels(4, (64, 64)), "JPEG"))
     summary = run_compress(CompressConfig(inputs=(str(image),), output=str(tmp_path / "a"), model=str(tiny_model_path)))

@@ -42,7 +42,7 @@ def _pixels(pngs: dict[str, bytes]) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory, tiny_model_path, ray_local) -> Path:
+def root(tmp_path_factory, tiny_model_path) -> Path:
     """A 3-image shard compressed twice with the tiny codec: plain (v1), and with a tiny trained decoder's
     coefficients (v2)."""
     root = tmp_path_factory.mktemp("corrdiff")

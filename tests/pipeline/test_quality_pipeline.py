@@ -44,7 +44,7 @@ def shard(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def archives(shard, tiny_vbr_model_path, ray_local) -> dict[int, Path]:
+def archives(shard, tiny_vbr_model_path) -> dict[int, Path]:
     """The same shard compressed at the lowest and the highest quality level."""
     out = {}
     for quality in (1, 3):

@@ -23,7 +23,7 @@ def _members(path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory, tiny_model_path, ray_local):
+def archive(tmp_path_factory, tiny_model_path):
     root = tmp_path_factory.mktemp("recompress")
     (root / "originals").mkdir()
     for s in range(2):

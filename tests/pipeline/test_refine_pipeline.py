@@ -31,7 +31,7 @@ def _pngs(tar_path: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory, tiny_model_path, ray_local):
+def archive(tmp_path_factory, tiny_model_path):
     root = tmp_path_factory.mktemp("refine")
     members = [(f"r{i}.png", encoded(kodak_pixels(20 + i, (64, 80)))) for i in range(3)]
     (root / "in.tar").write_bytes(tar_bytes(members))

@@ -11,7 +11,7 @@ from ncpipe.config import ClusterConfig, CompressConfig, ConfigError
 from ncpipe.models.checkpoint import CheckpointError
 from ncpipe.pipeline.actors import CompressActor, WorkerResources
 from ncpipe.pipeline.compress import ShardTask
-from ncpipe.pipeline.distributor import ProgressLog, check_fits, run_on_actors
+from ncpipe.pipeline.distributor import ProgressLog, RayCounter, check_fits, ray_actor, run_on_actors
 from ncpipe.pipeline.jobs import run_compress
 from tests.factories import encoded, kodak_pixels
 from tests.helpers import tar_bytes
@@ -81,11 +81,12 @@ def test_compress_with_too_many_workers_fails_fast(tmp_path, tiny_model_path, ra
 def test_a_model_missing_on_the_workers_fails_once_before_any_shard(tmp_path, tiny_model_path, ray_local):
     """The driver found the model, the workers' node does not have it: one error, no shard retried."""
     config = CompressConfig(inputs=("in",), output=str(tmp_path / "out"), model=str(tmp_path / "gone" / "model.pt"))
-    progress = ProgressLog(2, "compress")
+    counter = RayCounter("compress")
+    progress = ProgressLog(2, "compress", counter)
     tasks = [ShardTask(f"in/d-{s}.tar", f"d-{s}", *(str(tmp_path / f"{kind}-{s}") for kind in "smc"), "job", "fp",
                        "g0000") for s in range(2)]
-    make = lambda: CompressActor.options(num_cpus=0.5, max_restarts=3, max_task_retries=0).remote(  # noqa: E731
-        config, 1, progress.counter_name)
+    make = lambda: ray_actor(CompressActor).options(num_cpus=0.5, max_restarts=3,  # noqa: E731
+                                                    max_task_retries=0).remote(config, 1, counter.name)
     error = _within(60, lambda: run_on_actors(tasks, make, 2, 3, describe=str, progress=progress))
     assert isinstance(error, CheckpointError) and "no model named or at" in str(error), error
     assert not list(tmp_path.glob("[smc]-*"))  # no shard was started

@@ -1,4 +1,4 @@
-"""Fixtures for the reliability tests: jobs run in-process, an S3 server that fails on demand, Ray."""
+"""Fixtures for the reliability tests: an S3 server that fails on demand, Ray."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import ray
 
 from ncpipe.config import ClusterConfig
 from ncpipe.pipeline.distributor import connect
-from tests.reliability.support import FAULT_ACCESS_KEY_ID, FAULT_SECRET, FaultInjector, FaultyS3, run_jobs_in_process
+from tests.reliability.support import FAULT_ACCESS_KEY_ID, FAULT_SECRET, FaultInjector, FaultyS3
 
 _buckets = itertools.count()
 
@@ -23,13 +23,6 @@ def ray_local():
     connect(ClusterConfig())
     yield
     ray.shutdown()
-
-
-@pytest.fixture
-def in_process_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``run_compress`` / ``run_decompress`` with their shard workers in this process (see
-    :func:`run_jobs_in_process`)."""
-    run_jobs_in_process(monkeypatch)
 
 
 @pytest.fixture

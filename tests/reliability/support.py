@@ -1,4 +1,4 @@
-"""Test support for the reliability tests: jobs in-process, an S3 front that fails on demand."""
+"""Test support for the reliability tests: an S3 front that fails on demand."""
 
 from __future__ import annotations
 
@@ -7,48 +7,9 @@ import re
 import threading
 from dataclasses import dataclass
 
-import pytest
-
 FAULT_SECRET = "fault-secret-value-0123456789"
 FAULT_ACCESS_KEY_ID = "fault-access-key-id-AKIA0123"
 log = logging.getLogger(__name__)
-
-
-def run_jobs_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``run_compress`` / ``run_decompress`` with their shard workers in this process instead of on
-    Ray actors: the same planning, workers, commits and summaries, without Ray's start-up cost.
-    (The tests that are about Ray itself use ``ray_local``.)"""
-    import torch
-
-    from ncpipe.codec import LearnedCodec
-    from ncpipe.io.storage import job_temporaries
-    from ncpipe.models.registry import load_model
-    from ncpipe.pipeline import actors, jobs
-    from ncpipe.pipeline.compress import ShardCompressor
-    from ncpipe.pipeline.decompress import ShardDecompressor
-    from ncpipe.pipeline.distributor import PoolOutcome, ShardFailure
-
-    def run_tasks(cluster, tasks, actor_class, config, label):
-        if not tasks:
-            return PoolOutcome([], [])
-        if actor_class is actors.CompressActor:
-            codec = LearnedCodec(load_model(config.model), config.y_chunk_channels, 1)
-            worker = ShardCompressor(config, codec, config.model, 1)
-        elif actor_class is actors.DecompressActor:
-            worker = ShardDecompressor(config, torch.device("cpu"), 1)
-        else:
-            raise AssertionError(f"no in-process worker for {actor_class}")
-        outcome = PoolOutcome([], [])
-        for task in tasks:
-            try:
-                with job_temporaries(task.job_id):  # as the actors run it
-                    outcome.results.append(worker.run(task))
-            except Exception as err:  # as the distributor records a task's failure (no redaction here:
-                log.error("shard %s failed: %s", task.input_url, err)  # tests check the worker's own)
-                outcome.failures.append(ShardFailure(task, str(err)))
-        return outcome
-
-    monkeypatch.setattr(jobs, "run_tasks", run_tasks)
 
 
 @dataclass

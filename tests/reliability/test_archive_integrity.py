@@ -27,7 +27,6 @@ from ncpipe.pipeline.jobs import run_compress
 from ncpipe.reliability.verify import VerifyOptions, verify_archive
 from tests.factories import encoded, kodak_pixels
 from tests.helpers import member_offsets, tar_bytes
-from tests.reliability.support import run_jobs_in_process
 
 BLOCK = 512  # a tar block
 
@@ -59,10 +58,8 @@ def built(tmp_path_factory, tiny_model_path) -> tuple[Path, dict[str, bytes]]:
     root = tmp_path_factory.mktemp("integrity")
     (root / "in").mkdir()
     members = _inputs(root / "in")
-    with pytest.MonkeyPatch.context() as patch:
-        run_jobs_in_process(patch)
-        summary = run_compress(CompressConfig(inputs=(str(root / "in"),), output=str(root / "out"),
-                                              model=str(tiny_model_path), batch_size=2, metrics=False))
+    summary = run_compress(CompressConfig(inputs=(str(root / "in"),), output=str(root / "out"),
+                                          model=str(tiny_model_path), batch_size=2, metrics=False))
     assert summary.complete and summary.samples == 6 and summary.ok == 5
     return root / "out", members
 
@@ -93,11 +90,6 @@ def _restore(archive: Path, out: Path, model: Path, **options) -> tuple[int, dic
     status = main(["decompress", str(archive), "-o", str(out), "--model", str(model), "--to", "directory"])
     rows = read_manifest(str(out / "_restore_manifest"), RESTORE_SCHEMA).to_pylist()
     return status, {row["key"]: row for row in rows}
-
-
-@pytest.fixture(autouse=True)
-def _in_process(monkeypatch):
-    run_jobs_in_process(monkeypatch)
 
 
 # -- checksums -------------------------------------------------------------------------

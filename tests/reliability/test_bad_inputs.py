@@ -86,7 +86,7 @@ def _snapshot(root: Path, skip: tuple[str, ...]) -> dict[str, str]:
     }
 
 
-def test_every_bad_input_is_one_error_row_and_nothing_escapes(tmp_path, tiny_model_path, in_process_jobs):
+def test_every_bad_input_is_one_error_row_and_nothing_escapes(tmp_path, tiny_model_path):
     expected = _corpus(tmp_path)
     before = _snapshot(tmp_path, skip=("out", "restored"))
     summary = run_compress(CompressConfig(inputs=(str(tmp_path / "in"),), output=str(tmp_path / "out"),
@@ -137,7 +137,7 @@ def test_every_bad_input_is_one_error_row_and_nothing_escapes(tmp_path, tiny_mod
     assert not [p for p in tmp_path.rglob("*") if ".partial" in p.name]
 
 
-def test_a_tar_member_with_a_device_or_link_type_is_refused(tmp_path, tiny_model_path, in_process_jobs):
+def test_a_tar_member_with_a_device_or_link_type_is_refused(tmp_path, tiny_model_path):
     link = tarfile.TarInfo("k.png")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
     buffer = io.BytesIO()

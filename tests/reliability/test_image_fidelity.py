@@ -152,7 +152,7 @@ def test_bitstreams_written_before_version_4_still_decode(name, model):
         codec.close()
 
 
-def test_compress_refuses_and_stores_unchanged_then_restores_metadata(tmp_path, tiny_model_path, in_process_jobs):
+def test_compress_refuses_and_stores_unchanged_then_restores_metadata(tmp_path, tiny_model_path):
     from ncpipe.pipeline.jobs import run_compress, run_decompress
 
     photo, expected = photo_with_metadata()

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import ray
 
 from ncpipe.config import ClusterConfig, CompressConfig
 from ncpipe.manifest import read_manifest
@@ -71,7 +70,7 @@ class _RecordedProgress(ProgressLog):
         _RecordedProgress.instances.append(self)
 
     def samples(self) -> int:
-        return ray.get(self.counter.get.remote())
+        return self.counter.get()
 
 
 def _compress_actor_workers() -> list[psutil.Process]:
@@ -96,7 +95,7 @@ def test_a_codec_actor_killed_mid_shard_is_retried_to_exactly_once(tmp_path, tin
     monkeypatch.setattr(jobs, "ProgressLog", _RecordedProgress)
     _RecordedProgress.instances.clear()
     config = CompressConfig(inputs=(str(tmp_path / "in"),), output=str(tmp_path / "out"), model=str(tiny_model_path),
-                            batch_size=4, cluster=ClusterConfig(workers=1, cpus_per_worker=1))
+                            batch_size=4, cluster=ClusterConfig(workers=1, cpus_per_worker=1, executor="ray"))
     outcome: dict = {}
     job = threading.Thread(target=lambda: outcome.update(summary=jobs.run_compress(config)), daemon=True)
     caplog.set_level(logging.INFO, logger="ncpipe.pipeline.jobs")

@@ -106,7 +106,7 @@ def _presigned_get(endpoint: str, bucket: str, key: str) -> str:
     return client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=600)
 
 
-def test_no_credentials_in_logs_manifests_or_job_files(faulty_s3, tiny_model_path, tmp_path, in_process_jobs, caplog):
+def test_no_credentials_in_logs_manifests_or_job_files(faulty_s3, tiny_model_path, tmp_path, caplog):
     """Output on S3 with credentials in the environment, a failure whose message carries the access
     key id, and an input given as a presigned URL: none of it may reach a log, manifest or job file."""
     (tmp_path / "in").mkdir()

@@ -6,15 +6,17 @@ every process the same way: this test process, and Ray's worker processes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import fsspec
 import pytest
 
-from ncpipe.config import CompressConfig
+from ncpipe.config import ClusterConfig, CompressConfig
 from ncpipe.manifest import read_manifest
-from ncpipe.pipeline import actors
+from ncpipe.pipeline import jobs
+from ncpipe.pipeline.distributor import ray_actor
 from ncpipe.pipeline.jobs import run_compress
 from ncpipe.reliability.verify import VerifyOptions, verify_archive
 from tests.factories import encoded, kodak_pixels
@@ -61,7 +63,7 @@ def _assert_verified(output: str, model: Path) -> None:
     assert report.ok, report.text()
 
 
-def test_a_transient_upload_failure_is_retried(faulty_s3, tiny_model_path, tmp_path, in_process_jobs, caplog):
+def test_a_transient_upload_failure_is_retried(faulty_s3, tiny_model_path, tmp_path, caplog):
     inputs, output = _inputs(tmp_path), f"{faulty_s3.bucket}/archive"
     faulty_s3.faults.fail("PUT", r"/shards/d-0\.tar$", 503, "ServiceUnavailable", times=1)
     with caplog.at_level(logging.WARNING, logger="ncpipe"):
@@ -75,7 +77,7 @@ def test_a_transient_upload_failure_is_retried(faulty_s3, tiny_model_path, tmp_p
 
 
 def test_a_permanent_upload_failure_fails_the_shard_and_leaves_nothing(
-    faulty_s3, tiny_model_path, tmp_path, in_process_jobs, caplog
+    faulty_s3, tiny_model_path, tmp_path, caplog
 ):
     inputs, output = _inputs(tmp_path), f"{faulty_s3.bucket}/archive"
     faulty_s3.faults.fail("PUT", r"/shards/d-1\.tar$", 403, "AccessDenied")
@@ -100,7 +102,7 @@ def test_a_permanent_upload_failure_fails_the_shard_and_leaves_nothing(
 
 
 def test_a_failed_commit_marker_leaves_the_shard_uncommitted_and_a_rerun_redoes_it(
-    faulty_s3, tiny_model_path, tmp_path, in_process_jobs
+    faulty_s3, tiny_model_path, tmp_path
 ):
     inputs, output = _inputs(tmp_path), f"{faulty_s3.bucket}/archive"
     faulty_s3.faults.fail("PUT", r"/_commits/d-0\.json$", 403, "AccessDenied")
@@ -117,7 +119,7 @@ def test_a_failed_commit_marker_leaves_the_shard_uncommitted_and_a_rerun_redoes_
 
 
 class _WithEnv:
-    """``CompressActor`` started with extra environment variables (Ray workers inherit the env of the
+    """A Ray actor class started with extra environment variables (Ray workers inherit the env of the
     Ray started for the test session, not of the test that runs later)."""
 
     def __init__(self, actor_class, env: dict[str, str]):
@@ -131,11 +133,12 @@ class _WithEnv:
 def test_upload_failures_inside_ray_workers(faulty_s3, tiny_model_path, tmp_path, ray_local, monkeypatch):
     """The real distributor and actors: a transient failure retried in the worker, a permanent one
     reported as the shard's failure; then a re-run completes the archive."""
-    monkeypatch.setattr(actors, "CompressActor", _WithEnv(actors.CompressActor, faulty_s3.env))
+    monkeypatch.setattr(jobs, "ray_actor", lambda actor_class: _WithEnv(ray_actor(actor_class), faulty_s3.env))
     inputs, output = _inputs(tmp_path), f"{faulty_s3.bucket}/archive"
+    on_ray = ClusterConfig(executor="ray")
     faulty_s3.faults.fail("PUT", r"/shards/d-0\.tar$", 503, "ServiceUnavailable", times=1)
     faulty_s3.faults.fail("PUT", r"/manifest/d-1\.parquet$", 403, "AccessDenied")
-    summary = run_compress(_config(inputs, output, tiny_model_path))
+    summary = run_compress(dataclasses.replace(_config(inputs, output, tiny_model_path), cluster=on_ray))
     assert summary.shards_failed == [str(inputs / "d-1.tar")]
     assert faulty_s3.faults.puts(r"/shards/d-0\.tar$") == [503, None]
     objects = _objects(faulty_s3.bucket)
@@ -143,7 +146,7 @@ def test_upload_failures_inside_ray_workers(faulty_s3, tiny_model_path, tmp_path
     assert not {"archive/g0000/manifest/d-1.parquet", "archive/g0000/_commits/d-1.json"} & objects
 
     faulty_s3.faults.clear()
-    again = run_compress(_config(inputs, output, tiny_model_path))
+    again = run_compress(dataclasses.replace(_config(inputs, output, tiny_model_path), cluster=on_ray))
     assert again.complete and again.shards_skipped == 1
     _assert_exactly_once(output, inputs)
     _assert_verified(output, tiny_model_path)

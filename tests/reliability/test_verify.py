@@ -28,7 +28,6 @@ from ncpipe.reliability.verify import (
 )
 from tests.factories import encoded, kodak_pixels
 from tests.helpers import member_offsets, tar_bytes
-from tests.reliability.support import run_jobs_in_process
 
 CHUNK_CHANNELS = 8  # the tiny model has 24 latent channels: chunks 1..3 hold 8 each
 
@@ -47,11 +46,9 @@ def archive(tmp_path_factory, tiny_model_path) -> Path:
             members += [("s1/broken.jpg", b"\xff\xd8\xff not a jpeg"), ("s1/broken.txt", b"kept")]
         (root / "in" / f"d-{s}.tar").write_bytes(tar_bytes(members))
     (root / "in" / "d-2.tar").write_bytes(b"not a tar" * 100)
-    with pytest.MonkeyPatch.context() as patch:
-        run_jobs_in_process(patch)
-        summary = run_compress(CompressConfig(inputs=(str(root / "in"),), output=str(root / "out"),
-                                              model=str(tiny_model_path), batch_size=2,
-                                              y_chunk_channels=CHUNK_CHANNELS))
+    summary = run_compress(CompressConfig(inputs=(str(root / "in"),), output=str(root / "out"),
+                                          model=str(tiny_model_path), batch_size=2,
+                                          y_chunk_channels=CHUNK_CHANNELS))
     assert summary.complete and summary.samples == 8 and summary.ok == 6
     return root / "out"
 

@@ -43,7 +43,7 @@ def _lock_record(job_id: str, host: str, pid: int, heartbeat_age: float) -> byte
                        "heartbeat": now - heartbeat_age}).encode()
 
 
-def test_a_second_job_is_refused_while_the_first_writes(tmp_path, tiny_model_path, in_process_jobs, monkeypatch):
+def test_a_second_job_is_refused_while_the_first_writes(tmp_path, tiny_model_path, monkeypatch):
     """Job A is held inside its shard work; B into the same output, and B with --overwrite and another
     model, are refused at once naming A; A then completes an archive that is all its own."""
     inputs = (_shard(tmp_path / "in" / "s.tar"),)
@@ -86,7 +86,7 @@ def test_a_second_job_is_refused_while_the_first_writes(tmp_path, tiny_model_pat
     assert again.complete and again.shards_skipped == 1  # the lock was released: the next job runs
 
 
-def test_a_failing_job_releases_its_lock(tmp_path, tiny_model_path, in_process_jobs, monkeypatch):
+def test_a_failing_job_releases_its_lock(tmp_path, tiny_model_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("the cluster went away")
 
