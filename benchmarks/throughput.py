@@ -3,13 +3,15 @@
     python -m benchmarks.throughput --images ../shared/data/kodak --model mbt2018-mean-small-l0018
 
 (a) model ceiling: g_a, h_a and h_s (the entropy-parameter prediction) at batch B on the
-    device, nothing else; with ``+g_s`` also the synthesis ncpipe runs for its metrics.
+    device, nothing else; with ``+g_s`` also the synthesis ncpipe runs for its metrics. Measured
+    after the jobs, under the allocator setting an ncpipe worker makes.
 (b) the ncpipe compress job: PNG shards in, bitstream shards and manifests out, with the default
     executor (one local worker: in this process); steady state (sum of per-shard worker seconds)
     and wall time including the worker's start-up, with and without per-image metrics; then the
     same job as ``ncpipe compress`` in a fresh process (Python start and imports included), and on
     Ray actors (``--executor ray``: an embedded Ray started for it).
-(c) CompressAI's own per-image ``model.compress()`` loop with the same model on the device;
+(c) CompressAI's own per-image ``model.compress()`` loop with the same model object on the device
+    (so with the channels-last weights ncpipe gives g_a and g_s on a CPU);
     (c') the same loop plus its own g_s per image (what per-image metrics need). Both run before
     any ncpipe worker, in a process as CompressAI leaves it; the loop is measured again after the
     jobs, under the allocator setting an ncpipe worker makes (``ncpipe.allocator``), for comparison.
@@ -173,8 +175,6 @@ def main() -> None:
         "machine": machine(device),
         "device": str(device), "images": len(images), "batch": args.batch, "model": args.model,
         "date": now(),
-        "ceiling_images_per_s": model_ceiling(model, images, args.batch, device, False, args.repeat),
-        "ceiling_with_synthesis_images_per_s": model_ceiling(model, images, args.batch, device, True, args.repeat),
         "compressai_loop_images_per_s": compressai_loop(model, images, device, args.repeat),
         "compressai_loop_with_synthesis_images_per_s": compressai_loop(model, images, device, args.repeat, True),
         "demo_wall_seconds": demo_seconds,
@@ -188,7 +188,11 @@ def main() -> None:
                                        ("ncpipe_no_metrics_ray", False, "ray")):
             results[key] = ncpipe_job(shards, args.model, Path(tmp) / key, args.batch, args.device, metrics,
                                       args.coder_threads, executor)
-    # the ncpipe worker ran in this process: the loop again, with the allocator as the worker left it
+    # The ncpipe worker ran in this process: the ceilings (what ncpipe's transforms reach in a worker's
+    # conditions), and the loop again with the allocator as the worker left it.
+    results["ceiling_images_per_s"] = model_ceiling(model, images, args.batch, device, False, args.repeat)
+    results["ceiling_with_synthesis_images_per_s"] = model_ceiling(model, images, args.batch, device, True,
+                                                                   args.repeat)
     results["compressai_loop_retained_memory_images_per_s"] = compressai_loop(model, images, device, args.repeat)
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ncpipe.models.tiling import synthesise_tiled
+from ncpipe.models.tiling import synthesise
 
 if TYPE_CHECKING:
     from compressai.models.base import CompressionModel
@@ -163,11 +163,12 @@ class HyperpriorAdapter:
         return y, self.model.h_a(hyper_input)
 
     def synthesis(self, y_hat: torch.Tensor) -> torch.Tensor:
-        """ŷ -> x̂ (not clamped); in tiles outside autograd, so memory is bounded by the tile (see tiling.py)."""
+        """ŷ -> x̂ (not clamped); outside autograd, a latent beyond a megapixel's runs in tiles, so memory
+        is bounded by the tile (see tiling.py)."""
         g_s = lambda latent: self._transform(self.model.g_s, latent)  # noqa: E731
         if torch.is_grad_enabled():
             return g_s(y_hat)
-        return synthesise_tiled(g_s, y_hat)
+        return synthesise(g_s, y_hat)
 
     def hyper_synthesis_layers(self) -> nn.Sequential:
         return self.model.h_s

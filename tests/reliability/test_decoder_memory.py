@@ -56,6 +56,10 @@ def test_decode_uses_tiles_for_large_images(tiny_codec, monkeypatch):
     hook = g_s.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
     monkeypatch.setattr(tiling, "LATENT_TILE", 4)
     try:
+        tiny_codec.decode(data)
+        assert len(calls) == 1  # 16 x 12 positions: below WHOLE_LATENT_POSITIONS, synthesised whole
+        calls.clear()
+        monkeypatch.setattr(tiling, "WHOLE_LATENT_POSITIONS", 16 * 12 - 1)
         _, pixels = tiny_codec.decode(data)
     finally:
         hook.remove()
