@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import Callable
 
 import ray
@@ -26,18 +25,6 @@ from ncpipe.io.storage import job_temporaries
 from ncpipe.models.registry import load_model
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerResources:
-    """What each codec actor asks Ray for, and the threads it then uses."""
-
-    num_cpus: float
-    num_gpus: float
-
-    @property
-    def threads(self) -> int:
-        return max(1, int(self.num_cpus))
 
 
 def _progress_reporter(counter_name: str) -> Callable[[int], None]:

@@ -30,7 +30,6 @@ from ncpipe.config import IN_PROCESS, ClusterConfig, ConfigError
 from ncpipe.errors import NcpipeError
 from ncpipe.io.urls import redact
 from ncpipe.models.store import model_runtime_env
-from ncpipe.pipeline.actors import WorkerResources
 from ncpipe.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -51,8 +50,11 @@ def connect(cluster: ClusterConfig) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         with _loopback_only():
-            # "local": a new cluster even when RAY_ADDRESS or a `ray start` cluster exists.
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+            # "local": a new cluster even when RAY_ADDRESS or a `ray start` cluster exists. No idle
+            # workers prestarted: the job starts the actors it needs, and on a small machine the
+            # prestarted ones' imports take CPU from the first shards.
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+                     _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False})
 
 
 def _submitted_job_cluster() -> str | None:
@@ -116,6 +118,18 @@ def in_process_threads(cluster: ClusterConfig) -> int:
 def ray_actor(actor_class: type) -> Any:
     """``actor_class`` as a Ray actor class (made once per class)."""
     return ray.remote(actor_class)
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """What each codec actor asks Ray for, and the threads it then uses."""
+
+    num_cpus: float
+    num_gpus: float
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.num_cpus))
 
 
 def plan_workers(cluster: ClusterConfig, device: str = "auto") -> tuple[int, WorkerResources]:

@@ -9,9 +9,9 @@ import ray
 
 from ncpipe.config import ClusterConfig, CompressConfig, ConfigError
 from ncpipe.models.checkpoint import CheckpointError
-from ncpipe.pipeline.actors import CompressActor, WorkerResources
+from ncpipe.pipeline.actors import CompressActor
 from ncpipe.pipeline.compress import ShardTask
-from ncpipe.pipeline.distributor import ProgressLog, RayCounter, check_fits, ray_actor, run_on_actors
+from ncpipe.pipeline.distributor import ProgressLog, RayCounter, WorkerResources, check_fits, ray_actor, run_on_actors
 from ncpipe.pipeline.jobs import run_compress
 from tests.factories import encoded, kodak_pixels
 from tests.helpers import tar_bytes
