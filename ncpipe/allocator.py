@@ -2,8 +2,8 @@
 
 A batch of 768x512 images makes activations of tens to hundreds of megabytes per layer. glibc's
 malloc serves blocks that large with ``mmap`` and gives them back to the kernel on ``free``, so
-every layer of every batch page-faults its output in again, zero-filled by the kernel. On a CPU
-that costs more than a third of the transforms' time (docs/performance.md). Keeping freed memory in
+every layer of every batch page-faults its output in again, zero-filled by the kernel: on the
+2-core machine of docs/performance.md, about 30 % of CompressAI's own encode loop. Keeping freed memory in
 the process (no ``mmap`` for large blocks, no trimming of the heap) removes the faults; the price is
 that a worker's resident memory stays at its peak instead of shrinking between batches, which a
 worker that codes batch after batch reaches again at once anyway.

@@ -21,8 +21,8 @@ import torch
 LATENT_TILE = 32  # latent rows / columns per tile: 512 x 512 output pixels at g_s's stride of 16
 LATENT_MARGIN = 4  # context each side, twice the reach derived above
 # Latents of at most this many positions (64 x 64: a megapixel of output) are synthesised whole:
-# their peak is bounded by that size already, and tiles would recompute their margins (about 15 %
-# more work on a 768 x 512 image) for no memory a decoder needs back.
+# their peak is bounded by that size already, and tiles would recompute their margins (on a 768 x 512
+# image, 56 latent columns synthesised for its 48) for no memory a decoder needs back.
 WHOLE_LATENT_POSITIONS = 64 * 64
 
 
