@@ -456,7 +456,8 @@ def corrections_for_images(decoder: CorrDiffDecoder, codec, analysed, images: Se
                            bits: int | None = None) -> tuple[CorrectionCoefficients, ...]:
     """Encoder side: (codec, analysed batch, original HxWx3 uint8 images, sample keys) -> coefficients per image."""
     decoded = encoder_batch(codec, analysed, keys)
-    originals = [torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1).float().div(255.0) for p in images]
+    # a copy: decoded pixels may be read-only views (PIL's buffer), which torch.from_numpy warns about
+    originals = [torch.tensor(p).permute(2, 0, 1).float().div(255.0) for p in images]
     return encode_corrections(decoder, decoded, originals, steps=steps, bits=bits)
 
 
