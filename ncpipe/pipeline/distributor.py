@@ -7,7 +7,9 @@ A shard whose actor dies (process killed, node lost) is retried on the restarted
 committed atomically and counted only once its commit marker exists. In-process
 (``run_in_process``), one worker in the job's own process runs the shards one after another: no
 Ray to start, no second process to load the model into, which is most of a small job's wall time;
-a worker process lost there is the job lost, and a re-run resumes from the committed shards.
+a worker process lost there is the job lost, and a re-run resumes from the committed shards. The
+worker then sets up the job's own process as an actor sets up its own: torch's thread count and the
+allocator setting of ``ncpipe.allocator`` stay in effect after the job.
 """
 
 from __future__ import annotations
