@@ -349,8 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # Third-party debug logs carry request headers (botocore logs access key ids): keep them out.
-    for noisy in ("botocore", "boto3", "s3fs", "aiobotocore", "urllib3", "fsspec"):
+    # Third-party debug logs carry request headers (botocore logs access key ids): keep them out; and
+    # Pillow's list every chunk of every image decoded.
+    for noisy in ("botocore", "boto3", "s3fs", "aiobotocore", "urllib3", "fsspec", "PIL"):
         logging.getLogger(noisy).setLevel(max(level, logging.INFO))
     try:
         return args.handler(args)
