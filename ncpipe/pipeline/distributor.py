@@ -111,9 +111,8 @@ def _local_gpus() -> int:
 
 def in_process_threads(cluster: ClusterConfig) -> int:
     """Threads of the in-process worker: ``cpus_per_worker``, or the CPUs this process may use."""
-    if cluster.cpus_per_worker:
-        return max(1, int(cluster.cpus_per_worker))
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return WorkerResources(num_cpus=cluster.cpus_per_worker or usable, num_gpus=0.0).threads
 
 
 @functools.cache
@@ -196,6 +195,12 @@ class PoolOutcome:
     results: list[Any]
     failures: list[ShardFailure]
 
+    def fail(self, task: Any, reason: str, describe: Callable[[Any], str]) -> None:
+        """Book ``task`` as failed for ``reason`` (credentials redacted), and log it."""
+        reason = redact(reason)
+        log.error("%s failed: %s", describe(task), reason)
+        self.failures.append(ShardFailure(task, reason))
+
 
 def run_on_actors(
     tasks: Sequence[Any],
@@ -233,8 +238,7 @@ def _collect(inflight, idle, pending, outcome, make_actor, max_attempts, describ
             actor = _replace_if_dead(actor, make_actor)
             _retry_or_fail(task, err, max_attempts, describe, pending, outcome)
         except RayTaskError as err:
-            outcome.failures.append(ShardFailure(task, redact(str(err.cause or err))))
-            log.error("%s failed: %s", describe(task), redact(str(err.cause or err)))
+            outcome.fail(task, str(err.cause or err), describe)
         else:
             outcome.results.append(result)
             progress.shard_done(task)
@@ -260,9 +264,7 @@ def _retry_or_fail(task, error, max_attempts, describe, pending, outcome) -> Non
                     describe(task), type(error).__name__, task.attempt + 1, max_attempts)
         pending.appendleft(dataclasses.replace(task, attempt=task.attempt + 1))
     else:
-        reason = f"worker lost {max_attempts} times, last: {type(error).__name__}: {redact(str(error))}"
-        log.error("%s failed: %s", describe(task), reason)
-        outcome.failures.append(ShardFailure(task, reason))
+        outcome.fail(task, f"worker lost {max_attempts} times, last: {type(error).__name__}: {error}", describe)
 
 
 def _replace_if_dead(actor, make_actor):
@@ -287,8 +289,7 @@ def run_in_process(tasks: Sequence[Any], make_actor: Callable[[], Any], describe
                 try:
                     result = actor.run(task)
                 except Exception as err:  # noqa: BLE001  (any error of one shard: recorded, the next runs)
-                    outcome.failures.append(ShardFailure(task, redact(str(err))))
-                    log.error("%s failed: %s", describe(task), redact(str(err)))
+                    outcome.fail(task, str(err), describe)
                 else:
                     outcome.results.append(result)
                     progress.shard_done(task)
