@@ -33,8 +33,8 @@ log = logging.getLogger("ncpipe")
 
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("workers")
-    group.add_argument("--address", help="join this Ray cluster (e.g. auto, ray://head:10001); "
-                       "default: start an embedded local Ray bound to 127.0.0.1")
+    group.add_argument("--address", help="join this Ray cluster (e.g. auto, ray://head:10001); default: "
+                       "this machine (see --executor; Ray there is an embedded one bound to 127.0.0.1)")
     group.add_argument("--workers", type=int, help="codec actors (default: one per GPU, else one)")
     group.add_argument("--cpus-per-worker", type=float, help="CPUs each actor reserves and uses as threads")
     group.add_argument("--executor", choices=EXECUTORS, default="auto",

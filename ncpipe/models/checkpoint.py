@@ -197,8 +197,7 @@ class CodecModel:
         table = model.gaussian_conditional.scale_table[:-1].float().double()
         self.thresholds_fixed = to_fixed(steps.double()[:, :, None] * table)  # float32·float32 is exact in float64
         self.steps = steps.double()
-        self.device = torch.device("cpu")
-        self.adapter.set_channels_last(True)
+        self.to("cpu")  # where it was loaded, in that device's layout
 
     @property
     def variable_rate(self) -> bool:

@@ -104,7 +104,7 @@ def runs_in_process(cluster: ClusterConfig, device: str) -> bool:
 
 
 def _local_gpus() -> int:
-    import torch  # the in-process worker imports it anyway
+    import torch  # already imported by the driver (checkpoints are torch files)
 
     return torch.cuda.device_count()
 
